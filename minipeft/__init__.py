@@ -1,0 +1,17 @@
+"""minipeft: parameter-efficient fine-tuning from scratch, one readable file per method.
+
+    import minipeft as mp
+    model = mp.wrap(base, mp.LoRAConfig(r=8, alpha=16, target=["q_proj", "v_proj"]))
+    model.trainable_summary()
+    model.save_adapter("out/");  model = mp.load_adapter(base, "out/")
+"""
+__version__ = "0.1.0"
+
+from .config import REGISTRY, PeftConfig, register  # noqa: E402
+from .io import load_adapter  # noqa: E402
+from .layer import AdapterLayer, ModulesToSave  # noqa: E402
+from .model import PeftModel, wrap  # noqa: E402
+from .reparam import LoRAConfig, LoRALinear, loraplus_param_groups  # noqa: E402
+
+__all__ = ["wrap", "load_adapter", "PeftModel", "PeftConfig", "AdapterLayer", "ModulesToSave", "register",
+           "REGISTRY", "LoRAConfig", "LoRALinear", "loraplus_param_groups"]

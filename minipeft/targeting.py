@@ -1,0 +1,133 @@
+"""Find the modules a method wraps.
+
+`target` is one of
+  - a list of suffixes: ["q_proj", "v_proj"] matches "model.layers.0.self_attn.q_proj" (whole dotted parts);
+  - a regex string, matched against the full dotted module name with re.fullmatch;
+  - "all-linear": every nn.Linear / GPT-2 Conv1D except the output head (lm_head), as in peft.
+A target that matches nothing is an error that lists the module names that do exist.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from torch import nn
+
+try:  # GPT-2 stores its projections as Conv1D with the weight transposed: (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is optional for plain PyTorch models
+    class Conv1D(nn.Module):  # type: ignore[no-redef]
+        pass
+
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
+
+# Architecture defaults, keyed by `model.config.model_type`.
+DEFAULT_TARGETS = {
+    # the LoRA paper's choice: the query and value projections
+    "attention_qv": {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+                     "bert": ["query", "value"], "roberta": ["query", "value"], "gpt2": ["c_attn"]},
+    # Houlsby's placement: after the attention output projection and after the FFN output projection
+    "sublayer_outputs": {"llama": ["o_proj", "down_proj"], "mistral": ["o_proj", "down_proj"],
+                         "qwen2": ["o_proj", "down_proj"], "bert": ["output.dense"],
+                         "roberta": ["output.dense"], "gpt2": ["c_proj"]},
+}
+
+
+def register_linear_type(cls: type) -> None:
+    """Let linear-like layers (e.g. minipeft.quant.Linear4bit) count as linear for targeting."""
+    global LINEAR_TYPES
+    if cls not in LINEAR_TYPES:
+        LINEAR_TYPES = LINEAR_TYPES + (cls,)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES)
+
+
+def model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def default_target(model: nn.Module, kind: str, method: str) -> list[str]:
+    table = DEFAULT_TARGETS[kind]
+    mt = model_type(model)
+    if mt not in table:
+        raise ValueError(f"{method}: no default target for model type {mt!r}; pass target=[...] "
+                         f"(module-name suffixes), a regex, or 'all-linear'. Modules: {describe_modules(model)}")
+    return table[mt]
+
+
+def named_base_modules(model: nn.Module):
+    """named_modules() that does not descend into adapter layers (their insides are not targets)."""
+    from .layer import AdapterLayer
+
+    def walk(module, prefix):
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            yield path, child
+            if not isinstance(child, AdapterLayer):
+                yield from walk(child, path)
+
+    yield from walk(model, "")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The frozen module under any adapter layers."""
+    from .layer import AdapterLayer
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
+def describe_modules(model: nn.Module, limit: int = 40) -> str:
+    """A compact list of what exists: leaf names with counts and one full example each."""
+    leaves = [(n, m) for n, m in named_base_modules(model) if not list(m.children()) or _is_wrapped(m)]
+    counts = Counter(n.rsplit(".", 1)[-1] for n, _ in leaves)
+    example = {}
+    for n, m in leaves:
+        example.setdefault(n.rsplit(".", 1)[-1], (n, type(unwrap(m)).__name__))
+    parts = [f"{k} ({type_}, x{counts[k]}, e.g. {full})" for k, (full, type_) in list(example.items())[:limit]]
+    return "; ".join(parts) + (" ..." if len(example) > limit else "")
+
+
+def _is_wrapped(m):
+    from .layer import AdapterLayer
+    return isinstance(m, AdapterLayer)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {n for n, m in named_base_modules(model) if head is not None and unwrap(m) is head}
+    return names or {n for n, _ in named_base_modules(model) if n.rsplit(".", 1)[-1] == "lm_head"}
+
+
+def find_targets(model: nn.Module, target, *, method: str, allowed: tuple[type, ...] | None = None) -> list[str]:
+    """Dotted names of the modules `target` selects. Raises ValueError if none, or if a match has a type
+    the method cannot wrap (`allowed`)."""
+    modules = list(named_base_modules(model))
+    if target == "all-linear":
+        heads = _output_head_names(model)
+        names = [n for n, m in modules if is_linear(unwrap(m)) and n not in heads]
+    elif isinstance(target, str):
+        try:
+            pattern = re.compile(target)
+        except re.error as e:
+            raise ValueError(f"{method}: target {target!r} is not a valid regex ({e})") from None
+        names = [n for n, _ in modules if pattern.fullmatch(n)]
+    else:
+        names = [n for n, _ in modules if any(n == t or n.endswith("." + t) for t in target)]
+        missing = [t for t in target if not any(n == t or n.endswith("." + t) for n, _ in modules)]
+        if names and missing:
+            raise ValueError(f"{method}: target {missing} matched no module. Modules: {describe_modules(model)}")
+    if not names:
+        hint = ""
+        if isinstance(target, str) and target != "all-linear" and any(n.endswith("." + target) for n, _ in modules):
+            hint = f" (a string is a regex on the full name; for a suffix pass a list: target=[{target!r}])"
+        raise ValueError(f"{method}: target {target!r} matched no module{hint}. Modules: {describe_modules(model)}")
+    if allowed is not None:
+        by_name = dict(modules)
+        bad = [(n, type(unwrap(by_name[n])).__name__) for n in names if not isinstance(unwrap(by_name[n]), allowed)]
+        if bad:
+            raise ValueError(f"{method} can only wrap {[t.__name__ for t in allowed]}; target {target!r} also "
+                             f"matched {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+    return names
