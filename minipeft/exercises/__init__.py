@@ -1,0 +1,9 @@
+"""Property checks for the exercises at the end of each chapter. Each prints PASS/FAIL with a hint.
+
+    from minipeft.exercises import check_lora_linear
+    check_lora_linear(MyLoRALinear)
+"""
+from ._runner import run_checks
+from .lora import check_lora_grads, check_lora_linear
+
+__all__ = ["run_checks", "check_lora_linear", "check_lora_grads"]
