@@ -70,7 +70,8 @@ class AdapterLayer(nn.Module):
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting")
         for attr in self.adapter_dicts:
-            getattr(self, attr).pop(name, None)
+            if name in getattr(self, attr):  # ModuleDict.pop takes no default
+                del getattr(self, attr)[name]
         for attr in self.adapter_values:
             getattr(self, attr).pop(name, None)
         if self.active_adapter == name:
@@ -93,6 +94,10 @@ class ModulesToSave(AdapterLayer):
 
     def add_adapter(self, name: str, config=None) -> None:
         self.copies[name] = copy.deepcopy(self.base_layer).requires_grad_(True)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The copy's own keys ("weight", "bias"): saved as "classifier.weight", as peft does."""
+        return {k: v.detach() for k, v in self.copies[name].state_dict().items()}
 
     def forward(self, *args, **kwargs):
         name = self.active

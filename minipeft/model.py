@@ -66,17 +66,19 @@ class PeftModel(nn.Module):
         if name in self.peft_config:
             raise ValueError(f"adapter {name!r} already exists; adapters: {list(self.peft_config)}")
         config.prepare_model(self.base_model)
+        save_paths = targeting.find_targets(self.base_model, config.modules_to_save, method="modules_to_save") \
+            if config.modules_to_save else []
         if config.kind == "layer":
             target = config.target if config.target is not None else config.default_target(self.base_model)
             for path in targeting.find_targets(self.base_model, target, method=config.method,
                                                allowed=getattr(config, "allowed_types", None)):
-                self._wrap(path, config).add_adapter(name, config)
+                if path not in save_paths:  # a module trained in full gets no adapter on top
+                    self._wrap(path, config).add_adapter(name, config)
         elif config.kind == "input":
             self.input_adapters[name] = config.make_input_adapter(self.base_model)
         else:
             raise ValueError(f"unknown config kind {config.kind!r}")
-        for path in targeting.find_targets(self.base_model, config.modules_to_save, method="modules_to_save") \
-                if config.modules_to_save else []:
+        for path in save_paths:
             module = self.base_model.get_submodule(path)
             if not isinstance(module, ModulesToSave):
                 module = self._replace(path, ModulesToSave(module))
@@ -129,7 +131,8 @@ class PeftModel(nn.Module):
             layer.delete_adapter(name)
             if not layer.adapter_names():  # nothing left on this module: put the base module back
                 self._replace(path, layer.base_layer)
-        self.input_adapters.pop(name, None)
+        if name in self.input_adapters:  # ModuleDict.pop takes no default
+            del self.input_adapters[name]
         del self.peft_config[name]
         if self.active_adapter == name:
             self.active_adapter = None

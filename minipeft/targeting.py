@@ -3,7 +3,8 @@
 `target` is one of
   - a list of suffixes: ["q_proj", "v_proj"] matches "model.layers.0.self_attn.q_proj" (whole dotted parts);
   - a regex string, matched against the full dotted module name with re.fullmatch;
-  - "all-linear": every nn.Linear / GPT-2 Conv1D except the output head (lm_head), as in peft.
+  - "all-linear": every nn.Linear / GPT-2 Conv1D except the output head (lm_head, or a classifier's
+    `classifier` / `score`), as in peft.
 A target that matches nothing is an error that lists the module names that do exist.
 """
 from __future__ import annotations
@@ -98,7 +99,9 @@ def _is_wrapped(m):
 def _output_head_names(model: nn.Module) -> set[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {n for n, m in named_base_modules(model) if head is not None and unwrap(m) is head}
-    return names or {n for n, _ in named_base_modules(model) if n.rsplit(".", 1)[-1] == "lm_head"}
+    # no output embeddings (a classification model): its new head, named like peft's SEQ_CLS heads
+    return names or {n for n, _ in named_base_modules(model) if n.rsplit(".", 1)[-1] == "lm_head"
+                     or n in ("classifier", "score")}
 
 
 def find_targets(model: nn.Module, target, *, method: str, allowed: tuple[type, ...] | None = None) -> list[str]:
