@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run all tests: unit tests (tests/), then nbval over the executed notebooks in notebooks/.
+# Usage: bash scripts/test.sh [extra pytest args for both runs]
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+status=0
+python -m pytest tests "$@" || status=$?
+# --nbval-lax: only cells tagged nbval-check-output are compared (the rest must just run).
+python -m pytest --nbval-lax --nbval-current-env \
+    --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks/ "$@" || status=$?
+exit $status
