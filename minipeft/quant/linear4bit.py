@@ -103,6 +103,11 @@ class Linear4bit(nn.Module):
         return F.linear(x.to(self.compute_dtype), W, b).to(x.dtype)
 
     @property
+    def n_quantized_params(self) -> int:
+        """The weights this layer stands for; PeftModel.trainable_summary counts them in the total."""
+        return self.in_features * self.out_features
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the stored base weight (codes + scales) plus the bias."""
         n = self.quant_state.nbytes
