@@ -1,0 +1,60 @@
+"""Score a model on a task: greedy generation for generation tasks, argmax for classification."""
+from __future__ import annotations
+
+import torch
+
+from .data import get_task, left_pad_prompts, load
+
+
+def _device(model):
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 64) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), cut at the first newline."""
+    dev, out = _device(model), []
+    for i in range(0, len(prompts), batch_size):
+        batch = {k: v.to(dev) for k, v in left_pad_prompts(tokenizer, prompts[i:i + batch_size]).items()}
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new = ids[:, batch["input_ids"].shape[1]:]  # generate returns prompt + continuation
+        out += [t.split("\n")[0] for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return out
+
+
+@torch.no_grad()
+def classify(model, tokenizer, texts: list[str], batch_size: int = 128) -> list[int]:
+    dev, out = _device(model), []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, return_tensors="pt")
+        logits = model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev)).logits
+        out += logits.argmax(-1).tolist()
+    return out
+
+
+def evaluate(model, tokenizer, task, split: str = "test", n: int | None = None, batch_size: int = 64,
+             max_new_tokens: int | None = None, return_predictions: bool = False) -> dict:
+    """The task's metric on one split, e.g. ``{"exact_match": 83.3, "exact_match_addsub": ...}``.
+
+    ``n`` evaluates only the first ``n`` examples; ``return_predictions`` adds the raw predictions.
+    """
+    task = get_task(task)
+    examples = load(task.name, split, n=n)
+    was_training = model.training
+    model.eval()
+    try:
+        if task.kind == "generation":
+            preds = generate(model, tokenizer, [ex["prompt"] for ex in examples],
+                             max_new_tokens or task.max_new_tokens, batch_size)
+        else:
+            preds = classify(model, tokenizer, [ex["text"] for ex in examples], batch_size)
+    finally:
+        model.train(was_training)
+    result = task.metric(preds, examples)
+    if return_predictions:
+        result["predictions"] = preds
+    return result

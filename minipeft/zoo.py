@@ -1,0 +1,257 @@
+"""Tiny pretrained base models that the project builds itself: offline, deterministic, cached.
+
+* ``tiny-llama`` — transformers' ``LlamaForCausalLM`` (no biases, RMSNorm, RoPE, grouped KV heads),
+  pretrained with next-token prediction.
+* ``tiny-bert``  — transformers' BERT (biases, LayerNorms), pretrained with masked-LM; load it with
+  ``num_labels=`` for sequence classification with a fresh head.
+
+Both learn the template corpus of :mod:`minipeft.data.corpus` with a tokenizer trained on it by the
+``tokenizers`` library, using the shared :class:`minipeft.train.Trainer`. The result is saved with
+``save_pretrained`` so ``AutoModel*.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)``
+load it exactly like a hub model. The cache lives in ``$MINIPEFT_CACHE`` (default
+``~/.cache/minipeft``); each directory name carries a hash of its recipe, and builds happen under a
+file lock with an atomic rename, so parallel processes never see a half-written model.
+
+Any other name is a Hugging Face hub id passed through to the Auto classes.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .data.corpus import CORPUS_VERSION, generate_corpus
+
+ZOO_VERSION = 1  # bump when the build code changes what a recipe produces
+
+RECIPES = {
+    "tiny-llama": dict(
+        arch="llama", vocab_size=768, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=352,
+        max_positions=256, n_docs=8000, block=64, batch_size=32, steps=1000, lr=3e-3, seed=0,
+        expected_seconds=90),
+    "tiny-bert": dict(
+        arch="bert", vocab_size=768, hidden=128, layers=4, heads=4, intermediate=512,
+        max_positions=256, n_docs=8000, block=64, batch_size=32, steps=900, lr=1e-3, seed=0,
+        mask_prob=0.15, expected_seconds=90),
+}
+
+
+def names() -> list[str]:
+    return list(RECIPES)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MINIPEFT_CACHE", Path.home() / ".cache" / "minipeft")).expanduser()
+
+
+def recipe(name: str, **overrides) -> dict:
+    if name not in RECIPES:
+        raise ValueError(f"unknown zoo model {name!r}; choose from {names()}")
+    bad = set(overrides) - set(RECIPES[name])
+    if bad:
+        raise ValueError(f"unknown recipe keys {sorted(bad)} for {name}")
+    return {**RECIPES[name], **overrides}
+
+
+def _key(name: str, rec: dict) -> str:
+    blob = json.dumps({"recipe": rec, "corpus": CORPUS_VERSION, "zoo": ZOO_VERSION}, sort_keys=True)
+    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def path(name: str, **overrides) -> Path:
+    """Directory of a zoo model, pretraining it first if it is not cached."""
+    rec = recipe(name, **overrides)
+    root = cache_dir()
+    final = root / _key(name, rec)
+    if (final / "config.json").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait here, then find it built
+        try:
+            if not (final / "config.json").exists():
+                tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+                try:
+                    build(name, tmp, **overrides)
+                    os.replace(tmp, final)  # atomic: readers see all of it or none of it
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return final
+
+
+# ---- tokenizers -------------------------------------------------------------------------------
+def _llama_tokenizer(docs, vocab_size):
+    """Byte-level BPE (no unknown tokens), every digit its own token, bos added on encode."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated"),  # "Ġ1", "2": one token a digit
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="right")
+
+
+def _bert_tokenizer(docs, vocab_size, workdir):
+    """WordPiece trained like BERT's (lowercased), loaded as a real ``BertTokenizerFast``."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(docs, vocab_size=vocab_size, show_progress=False,
+                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    wp.save_model(str(workdir))  # vocab.txt; from_pretrained reads it in transformers 4 and 5
+    return BertTokenizerFast.from_pretrained(str(workdir), do_lower_case=True)
+
+
+# ---- pretraining data -------------------------------------------------------------------------
+def _blocks(ids: list[int], block: int) -> list[dict]:
+    n = len(ids) // block
+    t = torch.tensor(ids[: n * block]).view(n, block)
+    return [{"input_ids": row} for row in t]
+
+
+def _causal_collate(examples):
+    x = torch.stack([e["input_ids"] for e in examples])
+    return {"input_ids": x, "labels": x}  # HF shifts labels inside the model
+
+
+class _MLMCollate:
+    """BERT's masking: 15% of tokens are targets; of those 80% [MASK], 10% random, 10% kept."""
+
+    def __init__(self, tokenizer, p):
+        self.tok, self.p = tokenizer, p
+        self.special = torch.tensor(sorted(tokenizer.all_special_ids))
+
+    def __call__(self, examples):
+        x = torch.stack([e["input_ids"] for e in examples])
+        labels = x.clone()
+        target = (torch.rand(x.shape) < self.p) & ~torch.isin(x, self.special)
+        labels[~target] = -100
+        r = torch.rand(x.shape)
+        x = x.clone()
+        x[target & (r < 0.8)] = self.tok.mask_token_id
+        rand = target & (r >= 0.8) & (r < 0.9)
+        x[rand] = torch.randint(len(self.tok), x.shape)[rand]
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
+
+
+def build(name: str, out_dir, **overrides) -> dict:
+    """Pretrain one zoo model into ``out_dir``; returns a summary (also saved as zoo_build.json)."""
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+    from .train import Trainer, set_seed
+
+    rec = recipe(name, **overrides)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"pretraining {name} (first use, ~{rec['expected_seconds']} s on 2 CPU cores)...", flush=True)
+    t0 = time.perf_counter()
+    set_seed(rec["seed"])
+    docs = generate_corpus(rec["n_docs"], seed=rec["seed"])
+    if rec["arch"] == "llama":
+        tok = _llama_tokenizer(docs, rec["vocab_size"])
+        ids = []
+        for d in docs:
+            ids += tok(d)["input_ids"] + [tok.eos_token_id]
+        data, collate = _blocks(ids, rec["block"]), _causal_collate
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=rec["hidden"], num_hidden_layers=rec["layers"],
+            num_attention_heads=rec["heads"], num_key_value_heads=rec["kv_heads"],
+            intermediate_size=rec["intermediate"], max_position_embeddings=rec["max_positions"],
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=True, attention_bias=False, mlp_bias=False)
+        model = LlamaForCausalLM(cfg)
+    elif rec["arch"] == "bert":
+        tok = _bert_tokenizer(docs, rec["vocab_size"], out_dir)
+        ids = []
+        for d in docs:
+            ids += tok(d, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
+        body = rec["block"] - 1  # each block is [CLS] + body
+        n = len(ids) // body
+        data = [{"input_ids": torch.tensor([tok.cls_token_id] + ids[i * body:(i + 1) * body])} for i in range(n)]
+        collate = _MLMCollate(tok, rec["mask_prob"])
+        cfg = BertConfig(
+            vocab_size=len(tok), hidden_size=rec["hidden"], num_hidden_layers=rec["layers"],
+            num_attention_heads=rec["heads"], intermediate_size=rec["intermediate"],
+            max_position_embeddings=rec["max_positions"], pad_token_id=tok.pad_token_id)
+        model = BertForMaskedLM(cfg)
+    else:
+        raise ValueError(f"unknown arch {rec['arch']!r}")
+    trainer = Trainer(model, data, collate_fn=collate, lr=rec["lr"], max_steps=rec["steps"],
+                      batch_size=rec["batch_size"], schedule="cosine", warmup=0.05,
+                      weight_decay=0.01, seed=rec["seed"], device="cpu", bf16=False, progress=False)
+    hist = trainer.train()
+    k = max(1, len(hist["loss"]) // 20)
+    final = sum(hist["loss"][-k:]) / k  # mean of the last 5% of steps
+    model.save_pretrained(out_dir)  # safetensors + config.json
+    tok.save_pretrained(out_dir)
+    summary = {"name": name, "recipe": rec, "corpus_version": CORPUS_VERSION, "zoo_version": ZOO_VERSION,
+               "train_tokens": len(data) * rec["block"], "final_loss": final,
+               "final_perplexity": float(torch.tensor(final).exp()),
+               "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
+    (out_dir / "zoo_build.json").write_text(json.dumps(summary, indent=2))
+    print(f"pretrained {name} in {summary['seconds']} s: final loss {final:.3f} "
+          f"(perplexity {summary['final_perplexity']:.2f})", flush=True)
+    return summary
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    old = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(old)
+
+
+def load(name: str, num_labels: int | None = None, seed: int = 0, **kw):
+    """``(model, tokenizer)``. Zoo names build on first use; other names go to the HF hub.
+
+    ``num_labels``: a sequence-classification model with a fresh head, initialised from ``seed``.
+    Other keyword arguments go to ``from_pretrained`` (e.g. ``torch_dtype``).
+    """
+    from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM,
+                              AutoModelForSequenceClassification, AutoTokenizer)
+
+    if name in RECIPES:
+        where = path(name)
+        arch = RECIPES[name]["arch"]
+    else:
+        where, arch = name, None  # a hub id or a local directory
+    tok = AutoTokenizer.from_pretrained(where)
+    with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if num_labels is not None:
+            model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels, **kw)
+        elif arch == "bert":
+            model = AutoModelForMaskedLM.from_pretrained(where, **kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, **kw)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
