@@ -12,6 +12,9 @@ from .io import load_adapter  # noqa: E402
 from .layer import AdapterLayer, ModulesToSave  # noqa: E402
 from .model import PeftModel, wrap  # noqa: E402
 from .reparam import LoRAConfig, LoRALinear, loraplus_param_groups  # noqa: E402
+from .additive import AdapterConfig, PromptTuningConfig  # noqa: E402
+from .selective import BitFitConfig, SparseConfig  # noqa: E402
 
 __all__ = ["wrap", "load_adapter", "PeftModel", "PeftConfig", "AdapterLayer", "ModulesToSave", "register",
-           "REGISTRY", "LoRAConfig", "LoRALinear", "loraplus_param_groups"]
+           "REGISTRY", "LoRAConfig", "LoRALinear", "loraplus_param_groups",
+           "AdapterConfig", "PromptTuningConfig", "BitFitConfig", "SparseConfig"]
