@@ -4,6 +4,6 @@
     check_lora_linear(MyLoRALinear)
 """
 from ._runner import run_checks
-from .lora import check_lora_grads, check_lora_linear
+from .lora import check_lora_grads, check_lora_init, check_lora_linear
 
-__all__ = ["run_checks", "check_lora_linear", "check_lora_grads"]
+__all__ = ["run_checks", "check_lora_linear", "check_lora_grads", "check_lora_init"]

@@ -3,6 +3,7 @@
     from minipeft.exercises import check_lora_linear, check_lora_grads
     check_lora_linear(MyLoRALinear)   # MyLoRALinear(base: nn.Linear, r: int, alpha: float)
     check_lora_grads(my_lora_grads)   # my_lora_grads(x, g_y, A, B, scale) -> (g_A, g_B)
+    check_lora_init(my_init)          # my_init(A, B) fills both in place
 """
 from __future__ import annotations
 
@@ -86,3 +87,42 @@ def check_lora_grads(fn, d_in: int = 7, d_out: int = 5, r: int = 2, scale: float
 
     return run_checks("check_lora_grads", [
         ("g_A and g_B match autograd", "g_ΔW = g_yᵀ·x (summed over rows); g_B = s·g_ΔW·Aᵀ, g_A = s·Bᵀ·g_ΔW", check)])
+
+
+def check_lora_init(init_fn, d_in: int = 8, d_out: int = 6, r: int = 3, scale: float = 2.0):
+    """Check `init_fn(A, B)`, which fills A (r, d_in) and B (d_out, r) in place, the way LoRA needs:
+    the update s·BA starts at zero, and plain gradient descent can move both factors."""
+    def fresh():
+        torch.manual_seed(0)
+        A, B = torch.empty(r, d_in), torch.empty(d_out, r)
+        with torch.no_grad():
+            init_fn(A, B)
+        return A.requires_grad_(True), B.requires_grad_(True)
+
+    def grads(A, B):  # autograd on a random regression of the LoRA branch
+        gen = torch.Generator().manual_seed(1)
+        x, t = torch.randn(16, d_in, generator=gen), torch.randn(16, d_out, generator=gen)
+        A.grad = B.grad = None
+        ((scale * x @ A.T @ B.T - t) ** 2).mean().backward()
+        return A.grad.clone(), B.grad.clone()
+
+    def identity():
+        A, B = fresh()
+        assert torch.all(torch.isfinite(A)) and torch.all(torch.isfinite(B)), "A or B holds nan/inf (fill them in place)"
+        assert torch.count_nonzero(B @ A) == 0, "B·A is not zero at init: the wrapped model would not start at the base"
+
+    def moves():
+        A, B = fresh()
+        g_A, g_B = grads(A, B)
+        assert g_A.abs().sum() + g_B.abs().sum() > 0, "both gradients are zero at step 0: nothing can ever train"
+        with torch.no_grad():  # one step of gradient descent, then both factors must get a gradient
+            A -= 0.1 * g_A
+            B -= 0.1 * g_B
+        g_A, g_B = grads(A, B)
+        assert g_A.abs().sum() > 0 and g_B.abs().sum() > 0, \
+            "after one step a factor still gets no gradient (is one of A, B zero and the other zero too?)"
+
+    return run_checks("check_lora_init", [
+        ("s·B·A = 0 at init", "zero exactly one of the two factors (LoRA zeroes B)", identity),
+        ("both factors learn", "the other factor must be random (LoRA: kaiming_uniform_ on A)", moves),
+    ])
