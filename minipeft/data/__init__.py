@@ -38,7 +38,7 @@ TASKS = {
     "sentiment": Task("sentiment", "classification", sentiment.generate, sentiment.accuracy,
                       "accuracy", (2000, 200, 500), num_labels=2),
     "e2e": Task("e2e", "generation", e2e.generate, e2e.bleu, "bleu", (1500, 100, 200),
-                max_new_tokens=64),
+                max_new_tokens=80),
 }
 
 
