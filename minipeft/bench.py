@@ -1,0 +1,261 @@
+"""Benchmarks: `python -m minipeft.bench` (add `--help` for the flags).
+
+Section `lora`: one training step (forward, backward, AdamW step) of LoRA (r=8, alpha=16, every linear layer
+but lm_head) on a randomly initialised Llama-shaped model, with minipeft and with HF peft side by side, plus
+full fine-tuning of the same model as the baseline. Same seed, so every variant starts from the same base
+weights and sees the same batch (LoRA's B = 0, so both LoRA variants also start at the same loss; the table
+prints it as a check). peft is a reference here, not a dependency: without it, only ours and full FT run.
+
+What the numbers mean
+- step ms: the median over `--steps` timed steps, after `--warmup` untimed ones (over all `--repeats`
+  processes). Wall-clock time: on a machine shared with other jobs it is noisy; use --repeats.
+- train MB: the peak memory of the training steps above the memory held once the model is built, i.e.
+  what training adds (gradients, optimizer state, activations); the weights are the same for all variants.
+  Measured in a separate short run (1 warmup + 1 step: the AdamW state exists from the first step on).
+  CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before the first step (tensor memory only).
+  CPU: the peak resident set size (RSS) of the process minus its RSS before the first step. The peak is the
+  kernel's own high-water mark (VmHWM in /proc/self/status), reset just before training by writing "5" to
+  /proc/self/clear_refs, so no short peak is missed. Where that is not allowed, a thread samples VmRSS every
+  millisecond (it can miss peaks shorter than that). RSS counts pages, not tensor bytes: the memory run fixes
+  glibc's mmap threshold so that freed tensors leave the RSS (see run_isolated); even so CPU numbers are a
+  little coarser than CUDA's (a few MB of Python and allocator bookkeeping).
+- Each variant runs in a fresh Python process: memory freed by one variant but kept by the allocator would
+  otherwise hide the next variant's peak, and one variant's warm caches would flatter the next one's time.
+
+More sections (QLoRA dequantization throughput, ...) are functions in SECTIONS; `--only lora` picks some.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+# ---- memory --------------------------------------------------------------------------------------------
+_STATUS = "/proc/self/status"
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open(_STATUS) as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as mem: ...` then `mem.peak_mb`: peak memory above the start, in MB."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb, self.how = device, float("nan"), ""
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start, self.how = torch.cuda.memory_allocated(), "cuda max_memory_allocated"
+            return self
+        self.start, self.sampler = _status_kb("VmRSS"), None
+        if self.start is None:
+            raise RuntimeError("CPU memory is measured from /proc/self/status (Linux only)")
+        try:  # reset the kernel's peak-RSS mark to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.how = "RSS high-water mark (VmHWM)"
+        except OSError:
+            self.how, self.sampled, self.stop = "VmRSS sampled every 1 ms", self.start, threading.Event()
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.is_set():
+            self.sampled = max(self.sampled, _status_kb("VmRSS"))
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        elif self.sampler is None:
+            self.peak_mb = (_status_kb("VmHWM") - self.start) / 1024
+        else:
+            self.stop.set()
+            self.sampler.join()
+            self.peak_mb = (self.sampled - self.start) / 1024
+        return False
+
+
+# ---- one training run ----------------------------------------------------------------------------------
+def llama_base(args, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(args.seed)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.heads, max_position_embeddings=max(args.seq, 128),
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).to(device)
+
+
+def time_training(model, args, device) -> dict:
+    """Train `model` on one fixed random batch; return median step time, peak training memory, losses."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
+    ids = ids.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, losses = [], []
+    with PeakMemory(device) as mem:
+        for step in range(args.warmup + args.steps):
+            sync()
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+    return {"step_ms": [1000 * t for t in times], "train_mb": mem.peak_mb, "memory": mem.how,
+            "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters()),
+            "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def lora_variant(variant: str, args) -> dict:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = llama_base(args, device)
+    if variant == "minipeft":
+        import minipeft as mp
+        model = mp.wrap(model, mp.LoRAConfig(r=args.r, alpha=2 * args.r, target="all-linear"))
+    elif variant == "peft":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"))
+    elif variant != "full":
+        raise ValueError(f"unknown lora variant {variant!r}")
+    return time_training(model, args, device)
+
+
+WORKERS = {"lora": lora_variant}  # section -> function(variant, args) -> dict, run in a fresh process
+
+
+def run_isolated(section: str, variant: str, args, memory: bool = False) -> dict:
+    """Run WORKERS[section](variant, args) in a fresh Python process and return its result.
+
+    memory=True: a short run (1 + 1 steps) with glibc's mmap threshold fixed at 128 KiB, so every tensor
+    buffer is its own mapping, returned to the OS when freed, and RSS follows the tensors' bytes. With
+    glibc's default (a threshold that grows to 32 MiB) freed buffers stay in the heap and the peak depends
+    on the allocator's history (we saw ±10% between identical workloads). Timing runs keep the default
+    allocator, because page faults on every fresh buffer slow the steps down.
+    """
+    cmd = [sys.executable, "-m", "minipeft.bench", "--worker", f"{section}:{variant}", *args.argv]
+    env = dict(os.environ)
+    if memory:
+        cmd.append("--memory-run")
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark worker {section}:{variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+# ---- sections --------------------------------------------------------------------------------------------
+def section_lora(args) -> None:
+    have_peft = importlib.util.find_spec("peft") is not None
+    print(f"\n## LoRA training step: Llama-shaped, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
+          f"intermediate {args.intermediate}, batch {args.batch}x{args.seq}, LoRA r={args.r} on all linear "
+          f"layers; {args.device}, {args.threads or torch.get_num_threads()} threads, {args.warmup} warmup + "
+          f"{args.steps} timed steps, each variant in its own process")
+    if not have_peft:
+        print("peft is not installed (pip install peft): running minipeft and full fine-tuning only.")
+    variants = ["minipeft"] + (["peft"] if have_peft else []) + ["full"]
+    runs = {v: [] for v in variants}
+    for rep in range(args.repeats):  # round robin, so a slow spell of a shared machine hits every variant
+        for v in variants:
+            print(f"  timing {rep + 1}/{args.repeats}: {v} ...", flush=True)
+            runs[v].append(run_isolated("lora", v, args))
+    res = {v: {**rs[0], "step_ms": statistics.median(t for r in rs for t in r["step_ms"])} for v, rs in runs.items()}
+    for v in variants:
+        print(f"  memory: {v} ...", flush=True)
+        mem = run_isolated("lora", v, args, memory=True)
+        res[v].update(train_mb=mem["train_mb"], memory=mem["memory"])
+    print(f"\n{'variant':<10} {'trainable':>12} {'step ms':>9} {'train MB':>9} {'first loss':>11} {'last loss':>10}")
+    for v, r in res.items():
+        print(f"{v:<10} {r['trainable']:>12,} {r['step_ms']:>9.1f} {r['train_mb']:>9.1f} "
+              f"{r['first_loss']:>11.4f} {r['last_loss']:>10.4f}")
+    print(f"(train MB: peak above the built model, from {res['minipeft']['memory']})")
+    ours = res["minipeft"]
+    if have_peft:
+        print(f"ours / peft:      time {ours['step_ms'] / res['peft']['step_ms']:.3f}   "
+              f"memory {ours['train_mb'] / res['peft']['train_mb']:.3f}   (goal: <= 1.0)")
+    print(f"LoRA / full FT:   time {ours['step_ms'] / res['full']['step_ms']:.3f}   "
+          f"memory {ours['train_mb'] / res['full']['train_mb']:.3f}")
+
+
+SECTIONS = {"lora": section_lora}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minipeft.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=sorted(SECTIONS),
+                   help="sections to run")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=None, help="FFN width (default: about 2.7 x hidden)")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=1, help="fresh processes per variant, run round robin")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: "section:variant" in a fresh process
+    p.add_argument("--memory-run", action="store_true", help=argparse.SUPPRESS)  # internal: see run_isolated
+    args = p.parse_args(argv)
+    if args.intermediate is None:
+        args.intermediate = 32 * round(8 * args.hidden / 3 / 32)  # Llama: 8/3 x hidden, a multiple of 32
+    for name in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "r", "steps", "repeats"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive")
+    if args.warmup < 0 or args.hidden % args.heads:
+        p.error("--warmup must be >= 0 and --hidden a multiple of --heads")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args.argv = [a for i, a in enumerate(raw) if a != "--worker" and (i == 0 or raw[i - 1] != "--worker")]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        section, variant = args.worker.split(":")
+        if args.memory_run:
+            args.warmup, args.steps = 1, 1
+        print(json.dumps(WORKERS[section](variant, args)))
+        return
+    print(f"minipeft bench: torch {torch.__version__}, device {args.device}, pid {os.getpid()}")
+    for name in args.only:
+        SECTIONS[name](args)
+
+
+if __name__ == "__main__":
+    main()
