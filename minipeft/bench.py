@@ -22,7 +22,8 @@ What the numbers mean
 - Each variant runs in a fresh Python process: memory freed by one variant but kept by the allocator would
   otherwise hide the next variant's peak, and one variant's warm caches would flatter the next one's time.
 
-More sections (QLoRA dequantization throughput, ...) are functions in SECTIONS; `--only lora` picks some.
+Sections `dequant` and `qlora` (NF4 dequantization throughput; QLoRA vs LoRA step time and memory) live in
+minipeft/quant/bench.py. Every section is a function in SECTIONS; `--only lora qlora` picks some.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ import threading
 import time
 
 import torch
+
+from .quant import bench as quant_bench
 
 # ---- memory --------------------------------------------------------------------------------------------
 _STATUS = "/proc/self/status"
@@ -150,7 +153,7 @@ def lora_variant(variant: str, args) -> dict:
     return time_training(model, args, device)
 
 
-WORKERS = {"lora": lora_variant}  # section -> function(variant, args) -> dict, run in a fresh process
+WORKERS = {"lora": lora_variant, "qlora": quant_bench.qlora_variant}  # section -> function(variant, args) -> dict, run in a fresh process
 
 
 def run_isolated(section: str, variant: str, args, memory: bool = False) -> dict:
@@ -207,7 +210,7 @@ def section_lora(args) -> None:
           f"memory {ours['train_mb'] / res['full']['train_mb']:.3f}")
 
 
-SECTIONS = {"lora": section_lora}
+SECTIONS = {"lora": section_lora, "dequant": quant_bench.section_dequant, "qlora": quant_bench.section_qlora}
 
 
 def parse_args(argv=None):
@@ -229,6 +232,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    quant_bench.add_args(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: "section:variant" in a fresh process
     p.add_argument("--memory-run", action="store_true", help=argparse.SUPPRESS)  # internal: see run_isolated
     args = p.parse_args(argv)

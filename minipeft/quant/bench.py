@@ -1,5 +1,5 @@
-"""QLoRA benchmarks: `python -m minipeft.quant.bench` (or the `qlora` / `dequant` sections of
-`python -m minipeft.bench`, which hooks in SECTIONS and add_args below).
+"""QLoRA benchmarks: the `dequant` and `qlora` sections of `python -m minipeft.bench`
+(e.g. `python -m minipeft.bench --only dequant qlora --hidden 256`).
 
 Section `dequant`: NF4 dequantization throughput against the device's own copy bandwidth. One weight of
 `--dequant-mib` MiB (in the compute dtype) is quantized once; we time dequantize_4bit (the fused kernel on
@@ -16,17 +16,11 @@ time, peak training memory above the built model (see minipeft/bench.py for how 
 memory of the built model, and the base's stored bytes per weight (goal ≈ 0.52). GPU goal: QLoRA / LoRA step
 time <= 1.15. With CUDA a third run uses PagedAdamW: the optimizer state it keeps off the GPU is the memory
 saved (on CPU there is nothing to page: n/a). Each variant runs in a fresh process.
-
-    from minipeft.quant import bench as qbench
-    rows = qbench.run(qbench.parse_args(["--hidden", "256"]))   # list of dicts, one per measurement
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -89,6 +83,7 @@ def qlora_variant(variant: str, args) -> dict:
     """One training run in this process: variant "lora", "qlora" or "qlora-paged"."""
     import minipeft as mp
     from minipeft.bench import PeakMemory, llama_base
+
     from .linear4bit import base_weight_bytes_per_param
     from .paged import PagedAdamW, optimizer_state_bytes
     from .qlora import QLoRAConfig
@@ -133,25 +128,8 @@ def qlora_variant(variant: str, args) -> dict:
             "trainable": sum(p.numel() for p in params), "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-FLAGS = ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "r", "steps", "warmup", "seed",
-         "device", "compute_dtype", "dequant_mib")
-
-
-def run_isolated(variant: str, args) -> dict:
-    """qlora_variant(variant, args) in a fresh Python process (clean allocator, honest peak memory)."""
-    argv = []
-    for k in FLAGS:
-        if getattr(args, k, None) is not None:
-            argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    out = subprocess.run([sys.executable, "-m", "minipeft.quant.bench", "--worker", variant, *argv],
-                         capture_output=True, text=True)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"qlora bench worker {variant} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1])
-
-
 def section_qlora(args) -> list[dict]:
+    from minipeft.bench import run_isolated
     device, cdt = torch.device(args.device), compute_dtype(args)
     print(f"\n## QLoRA vs LoRA training step: Llama-shaped, hidden {args.hidden}, {args.layers} layers, vocab "
           f"{args.vocab}, intermediate {args.intermediate}, batch {args.batch}x{args.seq}, r={args.r} on all linear "
@@ -161,7 +139,7 @@ def section_qlora(args) -> list[dict]:
     rows = []
     for v in variants:
         print(f"  running {v} ...", flush=True)
-        rows.append(run_isolated(v, args))
+        rows.append(run_isolated("qlora", v, args))
     print(f"\n{'variant':<12} {'step ms':>9} {'train MB':>9} {'weights MB':>11} {'base B/param':>13} "
           f"{'opt state on dev MB':>20} {'first loss':>11} {'last loss':>10}")
     for r in rows:
@@ -187,54 +165,8 @@ def section_qlora(args) -> list[dict]:
     return rows
 
 
-SECTIONS = {"dequant": section_dequant, "qlora": section_qlora}
-
-
 def add_args(p: argparse.ArgumentParser) -> None:
     """The flags these sections add to a parser that already has minipeft.bench's model/step flags."""
     p.add_argument("--compute-dtype", choices=sorted(DTYPE_NAMES), default=None,
                    help="QLoRA compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--dequant-mib", type=int, default=64, help="output size of the dequantization benchmark")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minipeft.quant.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=sorted(SECTIONS))
-    for name, default in (("hidden", 512), ("layers", 8), ("heads", 8), ("vocab", 32000), ("batch", 4), ("seq", 128),
-                          ("r", 8), ("steps", 10), ("warmup", 5), ("seed", 0)):
-        p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--intermediate", type=int, default=None, help="FFN width (default: about 8/3 x hidden)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    add_args(p)
-    args = p.parse_args(argv)
-    if args.intermediate is None:
-        args.intermediate = 32 * round(8 * args.hidden / 3 / 32)
-    for name in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "r", "steps", "dequant_mib"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.warmup < 0 or args.hidden % args.heads:
-        p.error("--warmup must be >= 0 and --hidden a multiple of --heads")
-    return args
-
-
-def run(args) -> list[dict]:
-    """Run the sections in args.only (all by default); return every result row."""
-    rows = []
-    for name in getattr(args, "only", None) or sorted(SECTIONS):
-        rows += SECTIONS[name](args)
-    return rows
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.worker:
-        print(json.dumps(qlora_variant(args.worker, args)))
-        return
-    print(f"minipeft QLoRA bench: torch {torch.__version__}, device {args.device}")
-    run(args)
-
-
-if __name__ == "__main__":
-    main()
