@@ -139,8 +139,6 @@ def time_training(model, args, device) -> dict:
 
 def lora_variant(variant: str, args) -> dict:
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model = llama_base(args, device)
     if variant == "minipeft":
         import minipeft as mp
@@ -153,7 +151,6 @@ def lora_variant(variant: str, args) -> dict:
     return time_training(model, args, device)
 
 
-WORKERS = {"lora": lora_variant, "qlora": quant_bench.qlora_variant}  # section -> function(variant, args) -> dict, run in a fresh process
 
 
 def run_isolated(section: str, variant: str, args, memory: bool = False) -> dict:
@@ -175,6 +172,79 @@ def run_isolated(section: str, variant: str, args, memory: bool = False) -> dict
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark worker {section}:{variant} failed:\n{out.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+# ---- section methods: every method of the course on the course's tasks ------------------------------------
+# (task, zoo model, training steps, batch size) and each method's config and learning rate. The learning rates
+# were picked by hand on the validation split; the numbers reported are on the test split.
+METHOD_TASKS = {"arithmetic": ("tiny-llama", 300, 16), "sentiment": ("tiny-bert", 300, 32)}
+METHODS = {
+    "full FT": (None, {"arithmetic": 1e-3, "sentiment": 3e-4}),
+    "LoRA r=8 all-linear": (lambda: __import__("minipeft").LoRAConfig(r=8, alpha=16, target="all-linear"),
+                            {"arithmetic": 3e-3, "sentiment": 1e-3}),
+    "Houlsby m=16": (lambda: __import__("minipeft").AdapterConfig(bottleneck=16), {"arithmetic": 3e-3, "sentiment": 1e-3}),
+    "prompt tuning 20": (lambda: __import__("minipeft").PromptTuningConfig(num_virtual_tokens=20, init="vocab"),
+                         {"arithmetic": 3e-2, "sentiment": 3e-2}),
+    "BitFit": (lambda: __import__("minipeft").BitFitConfig(), {"sentiment": 3e-3}),
+}
+
+
+def methods_variant(variant: str, args) -> dict:
+    """Train one method on one task ("task/method") and score it on the test split."""
+    import minipeft as mp
+    task, method = variant.split("/", 1)
+    model_name, steps, batch = METHOD_TASKS[task]
+    make_config, lrs = METHODS[method]
+    if task not in lrs:
+        return {"task": task, "method": method, "skipped": "not applicable (the model has no bias terms)"}
+    kind = mp.data.get_task(task).kind
+    model, tok = mp.zoo.load(model_name, **({"num_labels": 2} if kind == "classification" else {}))
+    if make_config is not None:
+        config = make_config()
+        if kind == "classification":
+            config.modules_to_save = ["classifier"]  # the new head is trained in full by every method
+        model = mp.wrap(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    t0 = time.perf_counter()
+    mp.Trainer(model, mp.data.load(task, "train"), collate_fn=mp.data.collator(task, tok), lr=lrs[task],
+               max_steps=args.task_steps or steps, batch_size=batch, seed=args.seed, device=args.device,
+               progress=False).train()
+    train_s = time.perf_counter() - t0
+    score = mp.evaluate(model, tok, task, "test")
+    metric = mp.data.get_task(task).metric_name
+    return {"task": task, "method": method, "trainable": trainable, "percent": 100 * trainable / total,
+            "score": score[metric], "metric": metric, "train_s": train_s}
+
+
+def section_methods(args) -> None:
+    print(f"\n## Methods on the course tasks (zoo models, test split; {args.device}, "
+          f"{args.threads or torch.get_num_threads()} threads)")
+    rows = [run_isolated("methods", f"{t}/zero-shot", args) for t in METHOD_TASKS] + [run_isolated("methods", f"{t}/{m}", args) for t in METHOD_TASKS for m in METHODS]
+    print(f"{'task':<11} {'method':<22} {'trainable':>11} {'%':>8} {'score':>7} {'train s':>8}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['task']:<11} {r['method']:<22} {r['skipped']}")
+        else:
+            print(f"{r['task']:<11} {r['method']:<22} {r['trainable']:>11,} {r['percent']:>8.3f} "
+                  f"{r['score']:>7.1f} {r['train_s']:>8.1f}")
+
+
+def zero_shot_variant(task: str, args) -> dict:
+    """The base model before any training (a fresh random head for classification)."""
+    import minipeft as mp
+    model_name = METHOD_TASKS[task][0]
+    kind = mp.data.get_task(task).kind
+    model, tok = mp.zoo.load(model_name, **({"num_labels": 2} if kind == "classification" else {}))
+    metric = mp.data.get_task(task).metric_name
+    return {"task": task, "method": "base, no training", "trainable": 0, "percent": 0.0,
+            "score": mp.evaluate(model, tok, task, "test")[metric], "train_s": 0.0}
+
+
+def _methods_worker(variant: str, args) -> dict:
+    task, method = variant.split("/", 1)
+    return zero_shot_variant(task, args) if method == "zero-shot" else methods_variant(variant, args)
+
 
 
 # ---- sections --------------------------------------------------------------------------------------------
@@ -210,14 +280,17 @@ def section_lora(args) -> None:
           f"memory {ours['train_mb'] / res['full']['train_mb']:.3f}")
 
 
-SECTIONS = {"lora": section_lora, "dequant": quant_bench.section_dequant, "qlora": quant_bench.section_qlora}
+SECTIONS = {"lora": section_lora, "dequant": quant_bench.section_dequant, "qlora": quant_bench.section_qlora,
+            "methods": section_methods}
+# section -> function(variant, args) -> dict, run in a fresh process by run_isolated
+WORKERS = {"lora": lora_variant, "qlora": quant_bench.qlora_variant, "methods": _methods_worker}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m minipeft.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=sorted(SECTIONS),
-                   help="sections to run")
+    p.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=["lora", "dequant", "qlora"],
+                   help="sections to run (`methods` trains every method on the course tasks: minutes)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
@@ -231,6 +304,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="fresh processes per variant, run round robin")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task-steps", type=int, default=0, help="methods section: training steps (0: per task default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     quant_bench.add_args(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: "section:variant" in a fresh process
@@ -252,6 +326,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         section, variant = args.worker.split(":")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         if args.memory_run:
             args.warmup, args.steps = 1, 1
         print(json.dumps(WORKERS[section](variant, args)))
