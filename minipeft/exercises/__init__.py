@@ -7,3 +7,6 @@ from ._runner import run_checks
 from .lora import check_lora_grads, check_lora_init, check_lora_linear
 
 __all__ = ["run_checks", "check_lora_linear", "check_lora_grads", "check_lora_init"]
+from .bitfit import check_biases_only, check_count_biases, check_key_bias_shift  # noqa: E402
+
+__all__ += ["check_count_biases", "check_biases_only", "check_key_bias_shift"]
