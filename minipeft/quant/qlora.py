@@ -26,9 +26,10 @@ backward pass (for the input gradient). Keeping it between the two would hold a 
 layer until backward — the memory QLoRA is meant to save. `linear_4bit` dequantizes twice instead (as
 bitsandbytes' MatMul4Bit does): a little more compute, only one layer's dequantized weight alive at a time.
 
-MERGING IS LOSSY. `model.merge()` computes W0' = Q(dequant(W0) + sBA): the sum is re-quantized to NF4, and
-the quantization error (up to half a code gap times the block's absmax, ≈ 14% of it) is usually as large as
-the LoRA update itself. `merge_error` measures it. What users usually want is the plain-precision merge:
+MERGING IS LOSSY. `model.merge()` computes W0' = Q(dequant(W0) + sBA): the sum is re-quantized to NF4, so
+every weight is rounded a second time (up to half a code gap times the block's absmax, ≈ 14% of it): the
+merged model carries a second quantization error about as large as the first, which can be a sizeable
+fraction of the LoRA update itself (tiny-llama, 150 steps: ≈ 0.2×). `merge_error` measures it. What users usually want is the plain-precision merge:
 `dequantize_and_merge(model, torch.bfloat16)` returns an unquantized model with W = dequant(W0) + sBA exactly.
 `unmerge()` restores the original 4-bit weights bit for bit (they are kept while merged).
 """
