@@ -13,6 +13,32 @@ load it exactly like a hub model. The cache lives in ``$MINIPEFT_CACHE`` (defaul
 file lock with an atomic rename, so parallel processes never see a half-written model.
 
 Any other name is a Hugging Face hub id passed through to the Auto classes.
+
+Measured (2 CPU cores shared with other jobs, load average 6-17, one torch thread; test split;
+fine-tuning with :class:`~minipeft.train.Trainer`, batch 32, linear schedule, 6% warmup):
+
+=========================  ============================================  =====================
+model / run                 recipe                                        result
+=========================  ============================================  =====================
+tiny-llama pretraining      1000 steps x 32 x 64 tokens, lr 3e-3          final loss 1.088
+tiny-llama zero-shot        arithmetic, greedy                            3.3% exact match
+tiny-llama full FT          300 steps, lr 1e-3                            77.3% (addsub 78,
+                                                                          singleeq 97, multi 57)
+tiny-bert pretraining       900 steps MLM, lr 1e-3                        final loss 3.93
+tiny-bert random head       sentiment                                     47.2% accuracy
+tiny-bert full FT           300 steps, lr 3e-4                            98.8% (validation 100)
+tiny-bert full FT           200 steps, lr 5e-4 / lr 1e-3                  77.4% / 50.4%
+=========================  ============================================  =====================
+
+A quiet machine ran a tiny-llama step in about 0.1 s, so the 1000-step build takes ~100 s; on the
+loaded machine builds took 860-2900 s. The arithmetic errors are almost all wrong copies of a story
+number into the equation (" 3 + 12" written as " 3 + 15"), not wrong facts: the base model gets
+559 of the 594 corpus facts right. Variants that did worse (full FT, 300 steps, lr 1e-3):
+``fact_share=0.65, steps=1200`` 58.0%; ``fact_share=0.5, copy_share=0.3, steps=1200`` 44.7%
+(zero-shot 0.3%); LoRA r=8 all-linear, lr 3e-3, on those two bases 32.3% and 34.7%.
+tiny-bert with lr 3e-3 or 5e-3 (1000 steps, 10% warmup, ``fact_share=0.2``) stalled at MLM loss
+4.61 and fine-tuned to 49.6%. With two threads on the busy machine a tiny-llama step took 33 s
+(median) against 2.8 s with one thread, back to back; nothing here sets the thread count.
 """
 from __future__ import annotations
 
@@ -52,10 +78,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINIPEFT_CACHE", Path.home() / ".cache" / "minipeft")).expanduser()
 
 
+# Optional recipe keys and their defaults. A recipe only names (and hashes) them when it changes
+# them, so adding a key here leaves every cached model valid.
+OPTIONAL = {"fact_share": 0.45, "copy_share": 0.0, "warmup": 0.05}
+
+
 def recipe(name: str, **overrides) -> dict:
     if name not in RECIPES:
         raise ValueError(f"unknown zoo model {name!r}; choose from {names()}")
-    bad = set(overrides) - set(RECIPES[name])
+    bad = set(overrides) - set(RECIPES[name]) - set(OPTIONAL)
     if bad:
         raise ValueError(f"unknown recipe keys {sorted(bad)} for {name}")
     return {**RECIPES[name], **overrides}
@@ -167,7 +198,8 @@ def build(name: str, out_dir, **overrides) -> dict:
     print(f"pretraining {name} (first use, ~{rec['expected_seconds']} s on 2 CPU cores)...", flush=True)
     t0 = time.perf_counter()
     set_seed(rec["seed"])
-    docs = generate_corpus(rec["n_docs"], seed=rec["seed"])
+    docs = generate_corpus(rec["n_docs"], seed=rec["seed"], fact_share=rec.get("fact_share", OPTIONAL["fact_share"]),
+                           copy_share=rec.get("copy_share", OPTIONAL["copy_share"]))
     if rec["arch"] == "llama":
         tok = _llama_tokenizer(docs, rec["vocab_size"])
         ids = []
@@ -198,7 +230,7 @@ def build(name: str, out_dir, **overrides) -> dict:
     else:
         raise ValueError(f"unknown arch {rec['arch']!r}")
     trainer = Trainer(model, data, collate_fn=collate, lr=rec["lr"], max_steps=rec["steps"],
-                      batch_size=rec["batch_size"], schedule="cosine", warmup=0.05,
+                      batch_size=rec["batch_size"], schedule="cosine", warmup=rec.get("warmup", OPTIONAL["warmup"]),
                       weight_decay=0.01, seed=rec["seed"], device="cpu", bf16=False, progress=False)
     hist = trainer.train()
     k = max(1, len(hist["loss"]) // 20)
@@ -208,7 +240,11 @@ def build(name: str, out_dir, **overrides) -> dict:
     summary = {"name": name, "recipe": rec, "corpus_version": CORPUS_VERSION, "zoo_version": ZOO_VERSION,
                "train_tokens": len(data) * rec["block"], "final_loss": final,
                "final_perplexity": float(torch.tensor(final).exp()),
-               "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
+               "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+               # the fastest steps are the best guess of a quiet machine's speed when it is busy
+               "step_seconds_min": min(hist["step_time"]),
+               "step_seconds_median": sorted(hist["step_time"])[len(hist["step_time"]) // 2],
+               "threads": torch.get_num_threads()}
     (out_dir / "zoo_build.json").write_text(json.dumps(summary, indent=2))
     print(f"pretrained {name} in {summary['seconds']} s: final loss {final:.3f} "
           f"(perplexity {summary['final_perplexity']:.2f})", flush=True)

@@ -56,6 +56,20 @@ def test_corpus_has_no_task_formats():
     assert corpus.generate_corpus(20, seed=3) != corpus.generate_corpus(20, seed=4)
 
 
+def test_corpus_shares():
+    rng = random.Random(0)
+    for _ in range(200):  # a copy sentence repeats one of its numbers
+        nums = re.findall(r"\d+", corpus._sentence(rng, copy_share=1.0))
+        assert len(nums) > len(set(nums))
+    assert corpus.generate_corpus(20) == corpus.generate_corpus(20, copy_share=0.0)
+    facts = corpus.generate_corpus(50, fact_share=1.0)
+    assert all(re.fullmatch(r"(\d+ [-+*/] \d+ = \d+ \.( |$))+", d + " ") for d in facts)
+    with pytest.raises(ValueError):
+        corpus.generate_corpus(5, fact_share=1.5)
+    with pytest.raises(ValueError):
+        corpus.generate_corpus(5, copy_share=-0.1)
+
+
 def test_sentiment_balanced_with_negations():
     exs = data.load("sentiment", "train")
     pos = sum(ex["label"] for ex in exs) / len(exs)

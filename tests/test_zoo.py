@@ -76,6 +76,10 @@ def test_load_uses_cache_and_fresh_head_is_seeded(cache, monkeypatch):
         zoo.recipe("tiny-bert", hiddden=3)
     with pytest.raises(ValueError):
         zoo.path("tiny-gpt")
+    # optional keys are accepted, and hashed only when a recipe sets them
+    base = zoo.recipe("tiny-llama")
+    assert "copy_share" not in base
+    assert zoo._key("tiny-llama", zoo.recipe("tiny-llama", copy_share=0.3)) != zoo._key("tiny-llama", base)
     assert zoo.names() == ["tiny-llama", "tiny-bert"]
 
 

@@ -1,8 +1,9 @@
 """The pretraining corpus of the zoo models: a template grammar of simple English.
 
 Everything the tiny base models know comes from here: people, objects, food, places and
-restaurants, counting sentences, plain arithmetic facts ("7 + 5 = 12 ."), and sentences with
-positive and negative words. It deliberately contains none of the downstream formats
+restaurants, counting sentences, plain arithmetic facts ("7 + 5 = 12 ."), sentences that repeat a
+number said earlier (so the model learns to copy numbers from its context, which word problems
+need), and sentences with positive and negative words. It deliberately contains none of the downstream formats
 (no "Question: ... Answer:" word problems, no sentiment labels, no ``name[...]`` tables), so
 fine-tuning has something to learn. Bump ``CORPUS_VERSION`` whenever the output changes: the zoo
 cache key includes it, so the models rebuild.
@@ -60,7 +61,7 @@ def arithmetic_facts() -> list[str]:
     return facts
 
 
-def _sentence(rng: random.Random) -> str:
+def _sentence(rng: random.Random, copy_share: float = 0.0) -> str:
     n, m = rng.sample(NAMES, 2)
     p = PRONOUN[n].capitalize()
     obj, place, cont = rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(CONTAINERS)
@@ -69,6 +70,14 @@ def _sentence(rng: random.Random) -> str:
     pos, neg = rng.choice(POSITIVE), rng.choice(NEGATIVE)
     thing, dish = rng.choice(THINGS), rng.choice(DISHES)
     venue, land = rng.choice(VENUES), rng.choice(LANDMARKS)
+    if copy_share and rng.random() < copy_share:  # repeat a number said earlier: practice at copying
+        obj2 = rng.choice([o for o in OBJECTS if o != obj])
+        return rng.choice([
+            f"{n} has {k} {obj} . {m} has {j} {obj2} . {n} still has {k} {obj} .",
+            f"There are {k} {obj} in the {cont} . So the {cont} holds {k} {obj} .",
+            f"{n} has {k} {obj} and {j} {obj2} . The {obj2} number {j} .",
+            f"{n} counted {k} {obj} in the {place} , and {m} counted {k} {obj} too .",
+        ])
     kind = rng.randrange(24)
     if kind == 0:
         return f"{n} has {k} {obj} ."
@@ -119,15 +128,23 @@ def _sentence(rng: random.Random) -> str:
     return f"The {thing} at the {place} was {pos} , but the {rng.choice(THINGS)} was {neg} ."
 
 
-def generate_corpus(n_docs: int = 6000, seed: int = 0) -> list[str]:
-    """Return ``n_docs`` short documents: a few sentences mixed with arithmetic facts."""
+def generate_corpus(n_docs: int = 6000, seed: int = 0, fact_share: float = 0.45,
+                    copy_share: float = 0.0) -> list[str]:
+    """Return ``n_docs`` short documents: a few sentences mixed with arithmetic facts.
+
+    ``fact_share``: the chance that a part is an arithmetic fact rather than a sentence;
+    ``copy_share``: the chance that a sentence repeats a number it said before.
+    """
+    for name, v in (("fact_share", fact_share), ("copy_share", copy_share)):
+        if not 0 <= v <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
     rng = random.Random(seed)
     facts = arithmetic_facts()
     docs = []
     for _ in range(n_docs):
         parts = []
         for _ in range(rng.randint(3, 6)):
-            # about 45% arithmetic facts: the tiny model has to memorise ~900 of them
-            parts.append(rng.choice(facts) if rng.random() < 0.45 else _sentence(rng))
+            # the tiny model has to memorise ~600 facts, so it sees each one many times
+            parts.append(rng.choice(facts) if rng.random() < fact_share else _sentence(rng, copy_share))
         docs.append(" ".join(parts))
     return docs
