@@ -14,11 +14,12 @@ from .model import PeftModel, wrap  # noqa: E402
 from .reparam import LoRAConfig, LoRALinear, loraplus_param_groups  # noqa: E402
 from .additive import AdapterConfig, PromptTuningConfig  # noqa: E402
 from .selective import BitFitConfig, SparseConfig  # noqa: E402
+from .quant import QLoRAConfig  # noqa: E402
 from . import data, zoo  # noqa: E402
 from .train import Trainer  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 
 __all__ = ["wrap", "load_adapter", "PeftModel", "PeftConfig", "AdapterLayer", "ModulesToSave", "register",
            "REGISTRY", "LoRAConfig", "LoRALinear", "loraplus_param_groups",
-           "AdapterConfig", "PromptTuningConfig", "BitFitConfig", "SparseConfig",
+           "AdapterConfig", "PromptTuningConfig", "BitFitConfig", "SparseConfig", "QLoRAConfig",
            "data", "zoo", "Trainer", "evaluate"]

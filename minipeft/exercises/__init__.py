@@ -4,14 +4,15 @@
     check_lora_linear(MyLoRALinear)
 """
 from ._runner import run_checks
+from .adapters import check_adapter_count, check_bottleneck_adapter
+from .bitfit import check_biases_only, check_count_biases, check_key_bias_shift
 from .lora import check_lora_grads, check_lora_init, check_lora_linear
+from .prompt_tuning import check_nearest_tokens, check_prepend_prompt, check_text_init
+from .qlora import check_blockwise_absmax, check_nf4_codes, check_pack_4bit
 
-__all__ = ["run_checks", "check_lora_linear", "check_lora_grads", "check_lora_init"]
-from .bitfit import check_biases_only, check_count_biases, check_key_bias_shift  # noqa: E402
-
-__all__ += ["check_count_biases", "check_biases_only", "check_key_bias_shift"]
-from .adapters import check_adapter_count, check_bottleneck_adapter  # noqa: E402
-from .prompt_tuning import check_nearest_tokens, check_prepend_prompt, check_text_init  # noqa: E402
-
-__all__ += ["check_bottleneck_adapter", "check_adapter_count", "check_prepend_prompt", "check_text_init",
-            "check_nearest_tokens"]
+__all__ = ["run_checks",
+           "check_lora_linear", "check_lora_grads", "check_lora_init",                    # LoRA
+           "check_nf4_codes", "check_blockwise_absmax", "check_pack_4bit",                # QLoRA
+           "check_bottleneck_adapter", "check_adapter_count",                             # adapters
+           "check_prepend_prompt", "check_text_init", "check_nearest_tokens",             # prompt tuning
+           "check_count_biases", "check_biases_only", "check_key_bias_shift"]             # BitFit
