@@ -290,4 +290,6 @@ def load(name: str, num_labels: int | None = None, seed: int = 0, **kw):
         tok.pad_token = tok.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    if name in RECIPES:  # record the zoo name, not this machine's cache path (it ends up in adapter files)
+        model.config._name_or_path = name
     return model, tok
