@@ -33,7 +33,6 @@ fi
 source "$VENV/bin/activate"
 export JUPYTER_PREFER_ENV_PATH=1      # the venv's kernelspec wins over ~/.local ones
 export PYDEVD_DISABLE_FILE_VALIDATION=1  # quiets a debugger warning on kernel stderr
-export MPLBACKEND="${MPLBACKEND:-Agg}"
 # One CPU thread per process unless told otherwise: the zoo models are tiny (hidden 128), so a second
 # thread buys little, and on a busy 2-core machine two threads wait on each other (seen: 80x slower).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
