@@ -175,14 +175,18 @@ def run_isolated(section: str, variant: str, args, memory: bool = False) -> dict
 
 
 # ---- section methods: every method of the course on the course's tasks ------------------------------------
-# (task, zoo model, training steps, batch size) and each method's config and learning rate. The learning rates
-# were picked by hand on the validation split; the numbers reported are on the test split.
-METHOD_TASKS = {"arithmetic": ("tiny-llama", 300, 16), "sentiment": ("tiny-bert", 300, 32)}
+# (task, zoo model, training steps, batch size) and each method's config and learning rate per task (or
+# (learning rate, steps) where a method needs more steps). The learning rates were picked by hand on the
+# validation split; the numbers reported are on the test split.
+METHOD_TASKS = {"arithmetic": ("tiny-llama", 1200, 16), "sentiment": ("tiny-bert", 300, 32)}
 METHODS = {
     "full FT": (None, {"arithmetic": 1e-3, "sentiment": 3e-4}),
-    "LoRA r=8 all-linear": (lambda: __import__("minipeft").LoRAConfig(r=8, alpha=16, target="all-linear"),
+    # alpha = 4r: with alpha = 2r the same runs reached 90.0% (lr 3e-3) on arithmetic
+    "LoRA r=8 all-linear": (lambda: __import__("minipeft").LoRAConfig(r=8, alpha=32, target="all-linear"),
                             {"arithmetic": 3e-3, "sentiment": 1e-3}),
-    "Houlsby m=16": (lambda: __import__("minipeft").AdapterConfig(bottleneck=16), {"arithmetic": 3e-3, "sentiment": 1e-3}),
+    # adapters start near the identity and need more steps on tiny-bert (at 300 they are at chance)
+    "Houlsby m=16": (lambda: __import__("minipeft").AdapterConfig(bottleneck=16),
+                     {"arithmetic": 1e-2, "sentiment": (3e-3, 1000)}),
     "prompt tuning 20": (lambda: __import__("minipeft").PromptTuningConfig(num_virtual_tokens=20, init="vocab"),
                          {"arithmetic": 3e-2, "sentiment": 3e-2}),
     "BitFit": (lambda: __import__("minipeft").BitFitConfig(), {"sentiment": 3e-3}),
@@ -207,27 +211,28 @@ def methods_variant(variant: str, args) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
-    mp.Trainer(model, mp.data.load(task, "train"), collate_fn=mp.data.collator(task, tok), lr=lrs[task],
+    lr, steps = lrs[task] if isinstance(lrs[task], tuple) else (lrs[task], steps)
+    mp.Trainer(model, mp.data.load(task, "train"), collate_fn=mp.data.collator(task, tok), lr=lr,
                max_steps=args.task_steps or steps, batch_size=batch, seed=args.seed, device=args.device,
                progress=False).train()
     train_s = time.perf_counter() - t0
     score = mp.evaluate(model, tok, task, "test")
     metric = mp.data.get_task(task).metric_name
     return {"task": task, "method": method, "trainable": trainable, "percent": 100 * trainable / total,
-            "score": score[metric], "metric": metric, "train_s": train_s}
+            "score": score[metric], "metric": metric, "train_s": train_s, "steps": args.task_steps or steps}
 
 
 def section_methods(args) -> None:
     print(f"\n## Methods on the course tasks (zoo models, test split; {args.device}, "
           f"{args.threads or torch.get_num_threads()} threads)")
     rows = [run_isolated("methods", f"{t}/zero-shot", args) for t in METHOD_TASKS] + [run_isolated("methods", f"{t}/{m}", args) for t in METHOD_TASKS for m in METHODS]
-    print(f"{'task':<11} {'method':<22} {'trainable':>11} {'%':>8} {'score':>7} {'train s':>8}")
+    print(f"{'task':<11} {'method':<22} {'trainable':>11} {'%':>8} {'steps':>6} {'score':>7} {'train s':>8}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['task']:<11} {r['method']:<22} {r['skipped']}")
         else:
             print(f"{r['task']:<11} {r['method']:<22} {r['trainable']:>11,} {r['percent']:>8.3f} "
-                  f"{r['score']:>7.1f} {r['train_s']:>8.1f}")
+                  f"{r.get('steps', 0):>6} {r['score']:>7.1f} {r['train_s']:>8.1f}")
 
 
 def zero_shot_variant(task: str, args) -> dict:

@@ -33,9 +33,15 @@ fi
 source "$VENV/bin/activate"
 export JUPYTER_PREFER_ENV_PATH=1      # the venv's kernelspec wins over ~/.local ones
 export PYDEVD_DISABLE_FILE_VALIDATION=1  # quiets a debugger warning on kernel stderr
-# One CPU thread per process unless told otherwise: the zoo models are tiny (hidden 128), so a second
-# thread buys little, and on a busy 2-core machine two threads wait on each other (seen: 80x slower).
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Torch threads: the book and the tests run one thing at a time, so use the cores (at most 4: the zoo
+# models are tiny). Measured on a quiet 2-core machine: 100 tiny-llama steps take 7 s with 2 threads,
+# 11 s with 1. But when other jobs share the cores, extra threads wait on each other (seen: 80x
+# slower), so set OMP_NUM_THREADS=1 yourself when you run several things at once.
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+    OMP_NUM_THREADS="$(nproc 2>/dev/null || echo 1)"
+    [ "$OMP_NUM_THREADS" -gt 4 ] && OMP_NUM_THREADS=4
+fi
+export OMP_NUM_THREADS
 # Zoo models are pretrained once and cached here (shared by tests, nbval and the book build).
 export MINIPEFT_CACHE="${MINIPEFT_CACHE:-$HOME/.cache/minipeft}"
 cd "$ROOT"

@@ -34,7 +34,7 @@ def colab_cell_source() -> str:
     return (
         "import sys\n"
         'if "google.colab" in sys.modules:  # a fresh Colab runtime: install minipeft (Colab keeps its torch)\n'
-        f'    !pip install -q "minipeft[book] @ git+{url}"'
+        f'    !pip install -q "minipeft @ git+{url}"'
     )
 
 

@@ -64,10 +64,15 @@ def test_bert_tokenizer_and_classification_head(cache):
     torch.testing.assert_close(c1.bert.embeddings.word_embeddings.weight, mlm.bert.embeddings.word_embeddings.weight)
 
 
-def test_load_uses_cache_and_fresh_head_is_seeded(cache, monkeypatch):
+def test_load_uses_cache_and_fresh_head_is_seeded(cache, monkeypatch, capsys):
     monkeypatch.setitem(zoo.RECIPES, "tiny-bert", zoo.recipe("tiny-bert", **SMALL["tiny-bert"]))
+    from transformers.utils import logging
+
     m1, tok = zoo.load("tiny-bert", num_labels=2, seed=0)
+    capsys.readouterr()
     m2, _ = zoo.load("tiny-bert", num_labels=2, seed=0)
+    assert "Loading weights" not in capsys.readouterr().err  # a local zoo model loads quietly...
+    assert logging.is_progress_bar_enabled()  # ...and hub downloads keep their progress bars
     m3, _ = zoo.load("tiny-bert", num_labels=2, seed=1)
     torch.testing.assert_close(m1.classifier.weight, m2.classifier.weight)
     assert not torch.equal(m1.classifier.weight, m3.classifier.weight)
