@@ -3,7 +3,6 @@ import random
 import re
 
 import pytest
-import torch
 
 from minipeft import data
 from minipeft.data import arithmetic, corpus

@@ -1,5 +1,4 @@
 """The Adapters chapter's checks pass for a correct implementation and fail for broken ones."""
-import torch
 from torch import nn
 
 from minipeft.exercises import check_adapter_count, check_bottleneck_adapter

@@ -13,7 +13,7 @@ from torch import nn
 import minipeft as mp
 from minipeft.config import config_from_dict
 from minipeft.quant import (CODES, Linear4bit, QLoRAConfig, QLoRALinear, dequantize_4bit, dequantize_and_merge,
-                            linear_4bit, merge_error, quantize_4bit, quantize_base)
+                            linear_4bit, merge_error, quantize_base)
 
 CUDA = torch.cuda.is_available()
 
