@@ -232,7 +232,7 @@ def section_methods(args) -> None:
             print(f"{r['task']:<11} {r['method']:<22} {r['skipped']}")
         else:
             print(f"{r['task']:<11} {r['method']:<22} {r['trainable']:>11,} {r['percent']:>8.3f} "
-                  f"{r.get('steps', 0):>6} {r['score']:>7.1f} {r['train_s']:>8.1f}")
+                  f"{r['steps']:>6} {r['score']:>7.1f} {r['train_s']:>8.1f}")
 
 
 def zero_shot_variant(task: str, args) -> dict:
@@ -243,7 +243,7 @@ def zero_shot_variant(task: str, args) -> dict:
     model, tok = mp.zoo.load(model_name, **({"num_labels": 2} if kind == "classification" else {}))
     metric = mp.data.get_task(task).metric_name
     return {"task": task, "method": "base, no training", "trainable": 0, "percent": 0.0,
-            "score": mp.evaluate(model, tok, task, "test")[metric], "train_s": 0.0}
+            "score": mp.evaluate(model, tok, task, "test")[metric], "train_s": 0.0, "steps": 0}
 
 
 def _methods_worker(variant: str, args) -> dict:
