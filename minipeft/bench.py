@@ -225,9 +225,10 @@ def methods_variant(variant: str, args) -> dict:
 def section_methods(args) -> None:
     print(f"\n## Methods on the course tasks (zoo models, test split; {args.device}, "
           f"{args.threads or torch.get_num_threads()} threads)")
-    rows = [run_isolated("methods", f"{t}/zero-shot", args) for t in METHOD_TASKS] + [run_isolated("methods", f"{t}/{m}", args) for t in METHOD_TASKS for m in METHODS]
+    variants = [f"{t}/zero-shot" for t in METHOD_TASKS] + [f"{t}/{m}" for t in METHOD_TASKS for m in METHODS]
     print(f"{'task':<11} {'method':<22} {'trainable':>11} {'%':>8} {'steps':>6} {'score':>7} {'train s':>8}")
-    for r in rows:
+    for variant in variants:  # each row printed as soon as its run ends
+        r = run_isolated("methods", variant, args)
         if "skipped" in r:
             print(f"{r['task']:<11} {r['method']:<22} {r['skipped']}")
         else:

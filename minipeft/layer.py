@@ -38,6 +38,14 @@ class AdapterLayer(nn.Module):
         raise ValueError(f"{type(self).__name__} cannot be merged into the base weights")
 
     # ---- shared ----------------------------------------------------------------------------------
+    def base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where new adapter tensors go: the base's device and floating dtype. Buffers count too (a 4-bit
+        layer without bias keeps its weight only in integer buffers); integer-only bases get float32."""
+        tensors = [*self.base_layer.parameters(), *self.base_layer.buffers()]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        floats = [t.dtype for t in tensors if t.is_floating_point()]
+        return device, (floats[0] if floats else torch.float32)
+
     @property
     def active(self) -> str | None:
         """The adapter the forward pass must add, or None (disabled, merged, or not on this layer)."""

@@ -176,6 +176,19 @@ def test_named_adapters_add_switch_disable_delete(input_ids):
 
 
 # ---- bad input -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "qlora", "adapter", "prompt", "bitfit"])
+def test_adapter_tensors_live_on_the_base_models_device(method):
+    # the "meta" device stands in for a GPU: a tensor created without the base's device lands on the CPU
+    from minipeft.quant import QLoRAConfig
+    make, config = {"lora": (tiny_llama, mp.LoRAConfig(r=2, target="all-linear")),
+                    "qlora": (tiny_llama, QLoRAConfig(r=2)),  # 4-bit layers without bias: weights only in buffers
+                    "adapter": (tiny_llama, mp.AdapterConfig(bottleneck=4, target=["o_proj"])),
+                    "prompt": (tiny_llama, mp.PromptTuningConfig(num_virtual_tokens=3)),
+                    "bitfit": (tiny_bert, mp.BitFitConfig())}[method]
+    model = mp.wrap(make().to("meta"), config)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
 def test_unknown_target_lists_existing_modules(llama):
     with pytest.raises(ValueError, match="matched no module") as e:
         mp.wrap(llama, lora(target=["qkv_proj"]))

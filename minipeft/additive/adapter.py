@@ -76,9 +76,7 @@ class BottleneckAdapter(AdapterLayer):
         self.adapter_down, self.adapter_up, self.act = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
 
     def add_adapter(self, name: str, config: AdapterConfig) -> None:
-        ref = next(self.base_layer.parameters(), None)
-        device = ref.device if ref is not None else None
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        device, dtype = self.base_device_dtype()
         d, m = self.out_features, config.bottleneck
         self.adapter_down[name] = nn.Linear(d, m, device=device, dtype=dtype)  # W_down (m, d), b_down (m,)
         self.adapter_up[name] = nn.Linear(m, d, device=device, dtype=dtype)  # W_up (d, m), b_up (d,)

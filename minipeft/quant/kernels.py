@@ -52,8 +52,10 @@ if HAS_TRITON:
             c = q * (s / 127.0) + tl.load(offset_ptr)
         else:
             c = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-        tl.store(out_ptr + 2 * j, (hi * c).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + 2 * j + 1, (lo * c).to(out_ptr.dtype.element_ty), mask=mask)
+        # interleave (hi, lo) into one contiguous run of 2·BLOCK outputs: one coalesced store, not two strided
+        vals = tl.reshape(tl.join(hi * c, lo * c), (2 * BLOCK,)).to(out_ptr.dtype.element_ty)
+        k = 2 * pid * BLOCK + tl.arange(0, 2 * BLOCK)
+        tl.store(out_ptr + k, vals, mask=k < 2 * n_bytes)
 
 
 def dequantize_4bit_triton(state: QuantState, dtype: torch.dtype, block: int = 1024) -> torch.Tensor:

@@ -102,9 +102,7 @@ class LoRALinear(AdapterLayer):
         self.scaling: dict[str, float] = {}
 
     def add_adapter(self, name: str, config: LoRAConfig) -> None:
-        ref = next(self.base_layer.parameters(), None)
-        device = ref.device if ref is not None else None
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        device, dtype = self.base_device_dtype()
         self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
