@@ -89,9 +89,10 @@ def qlora_variant(variant: str, args) -> dict:
     from .qlora import QLoRAConfig
 
     device, cdt = torch.device(args.device), compute_dtype(args)
-    base = llama_base(args, device)
+    # the whole base in the compute dtype for every variant (QLoRA then quantizes its linear layers), so
+    # embeddings and lm_head, which stay unquantized, cost the same in both
+    base = llama_base(args, device).to(DTYPE_NAMES[cdt])
     if variant == "lora":
-        base = base.to(DTYPE_NAMES[cdt])
         model = mp.wrap(base, mp.LoRAConfig(r=args.r, alpha=2 * args.r, target="all-linear"))
         for _, p in model.adapter_parameters("default"):
             p.data = p.data.float()  # fp32 adapters, as QLoRA keeps them
