@@ -60,6 +60,8 @@ def convert(md: Path) -> nbformat.NotebookNode:
             title, _, rest = cell.source.lstrip().partition("\n")
             cell.source = f"{title}\n\n{colab_badge(md.stem)}\n{rest}"
             break
+    for i, cell in enumerate(nb.cells):  # stable ids (jupytext draws random ones): quiet diffs on re-runs
+        cell.id = f"{md.stem[:20]}-{i:03d}"
     return nb
 
 
