@@ -26,6 +26,8 @@ tiny-llama zero-shot        arithmetic, greedy                            3.3% e
 tiny-llama full FT          1200 steps x 16, lr 1e-3                      99.7%
 tiny-llama full FT          300 / 600 steps x 16, lr 1e-3                 77.3% / 92.3%
 tiny-llama LoRA r=8 all     1200 steps x 16, lr 3e-3, alpha 32 / 16       99.7% / 90.0%
+tiny-llama zero-shot        e2e, greedy                                   BLEU 0.3
+tiny-llama full FT / LoRA   e2e, 600 steps x 16 (lr 1e-3 / 3e-3)          BLEU 99.0 / 93.6
 tiny-bert random head       sentiment                                     47.2% accuracy
 tiny-bert full FT           300 steps x 32, lr 3e-4                       98.8%
 =========================  ============================================  =====================
