@@ -214,14 +214,15 @@ def methods_variant(variant: str, args) -> dict:
     total = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
     lr, steps = lrs[task] if isinstance(lrs[task], tuple) else (lrs[task], steps)
+    steps = args.task_steps or steps
     mp.Trainer(model, mp.data.load(task, "train"), collate_fn=mp.data.collator(task, tok), lr=lr,
-               max_steps=args.task_steps or steps, batch_size=batch, seed=args.seed, device=args.device,
+               max_steps=steps, batch_size=batch, seed=args.seed, device=args.device,
                progress=False).train()
     train_s = time.perf_counter() - t0
     score = mp.evaluate(model, tok, task, "test")
     metric = mp.data.get_task(task).metric_name
     return {"task": task, "method": method, "trainable": trainable, "percent": 100 * trainable / total,
-            "score": score[metric], "metric": metric, "train_s": train_s, "steps": args.task_steps or steps}
+            "score": score[metric], "metric": metric, "train_s": train_s, "steps": steps}
 
 
 def section_methods(args) -> None:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import minipeft as mp
+from minipeft.quant import QLoRAConfig
 from minipeft.reparam.lora import LoRALinear
 
 
@@ -179,7 +180,6 @@ def test_named_adapters_add_switch_disable_delete(input_ids):
 @pytest.mark.parametrize("method", ["lora", "qlora", "adapter", "prompt", "bitfit"])
 def test_adapter_tensors_live_on_the_base_models_device(method):
     # the "meta" device stands in for a GPU: a tensor created without the base's device lands on the CPU
-    from minipeft.quant import QLoRAConfig
     make, config = {"lora": (tiny_llama, mp.LoRAConfig(r=2, target="all-linear")),
                     "qlora": (tiny_llama, QLoRAConfig(r=2)),  # 4-bit layers without bias: weights only in buffers
                     "adapter": (tiny_llama, mp.AdapterConfig(bottleneck=4, target=["o_proj"])),
