@@ -8,9 +8,8 @@
 __version__ = "0.1.0"
 
 from .config import REGISTRY, PeftConfig, register  # noqa: E402
-from .io import load_adapter  # noqa: E402
 from .layer import AdapterLayer, ModulesToSave  # noqa: E402
-from .model import PeftModel, wrap  # noqa: E402
+from .model import PeftModel, load_adapter, wrap  # noqa: E402
 from .reparam import LoRAConfig, LoRALinear, loraplus_param_groups  # noqa: E402
 from .additive import AdapterConfig, PromptTuningConfig  # noqa: E402
 from .selective import BitFitConfig, SparseConfig  # noqa: E402

@@ -1,9 +1,8 @@
 """Config base class, value checks and the method registry.
 
-Every method has a config dataclass that subclasses `PeftConfig`. The config is the only place the
-spine learns what a method does: which modules it wraps (`make_layer`) or, for methods that act on the
-inputs, which model-level module it adds (`make_input_adapter`). The spine never names a method; the
-registry maps the `method` string saved in adapter_config.json back to its config class.
+Every method has a config dataclass that subclasses `PeftConfig`. The config is the only place the spine
+learns what a method does (the hooks on `PeftConfig`, called in the order its docstring gives). The spine
+never names a method; the registry maps the `method` string saved in adapter_config.json back to its class.
 """
 from __future__ import annotations
 
@@ -56,30 +55,49 @@ def check_choice(name: str, value, choices) -> None:
 
 @dataclass
 class PeftConfig:
-    """Fields every method shares.
+    """Fields every method shares, and the hooks through which the spine learns what a method does.
 
     target: which modules the method wraps — a list of module-name suffixes (["q_proj", "v_proj"]),
         a regex string matched against the full dotted name, or "all-linear" (every linear layer but the
         output head). None means the method's default for the architecture.
+    exclude: modules never wrapped, even if `target` matches them (suffixes or a regex; peft's
+        `exclude_modules`).
     modules_to_save: base modules that are trained in full and saved with the adapter (a classifier head).
+
+    The order in which `PeftModel.add_adapter(name, config)` calls the hooks:
+      1. prepare_model(base)               change the frozen base first (QLoRA quantizes it)
+      2. make_shared(base)                 one model-level module of tensors shared by all layers (or None)
+      3. layer methods, for each target:   make_layer(module, path) → layer.add_adapter(name, config, ...)
+         input methods:                    make_input_adapter(base)
+      4. modules_to_save get their trainable copies; the adapter becomes active.
+    While training, `PeftModel.extra_loss()` returns `extra_loss(model, name)` of the active adapter (the
+    Trainer adds it to the loss) and `PeftModel.training_callbacks()` returns `training_callbacks(model,
+    name)` (the Trainer runs them), so a method with a schedule needs no wiring by the user.
     """
 
     target: str | list[str] | None = None
+    exclude: str | list[str] | None = None
     modules_to_save: list[str] | None = None
 
     method: ClassVar[str] = ""
     kind: ClassVar[str] = "layer"  # "layer": wraps target modules; "input": acts on the model's inputs
 
     def __post_init__(self):
-        if isinstance(self.target, tuple):
-            self.target = list(self.target)
-        if self.target is not None and not isinstance(self.target, (str, list)):
-            raise ValueError(f"target must be a list of module-name suffixes, a regex string or 'all-linear', "
-                             f"got {self.target!r}")
-        if isinstance(self.target, list) and (not self.target or not all(isinstance(t, str) for t in self.target)):
-            raise ValueError(f"target must be a non-empty list of strings, got {self.target!r}")
+        for field_name in ("target", "exclude"):
+            value = getattr(self, field_name)
+            if isinstance(value, tuple):
+                value = list(value)
+                setattr(self, field_name, value)
+            if value is not None and not isinstance(value, (str, list)):
+                raise ValueError(f"{field_name} must be a list of module-name suffixes, a regex string or "
+                                 f"'all-linear', got {value!r}")
+            if isinstance(value, list) and (not value or not all(isinstance(t, str) for t in value)):
+                raise ValueError(f"{field_name} must be a non-empty list of strings, got {value!r}")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        if self.modules_to_save is not None and (
+                not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save)):
+            raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -88,25 +106,44 @@ class PeftConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
-    # ---- hooks the spine calls ------------------------------------------------------------------
+    # ---- hooks the spine calls (see the class docstring for their order) ----------------------------
     def default_target(self, model) -> str | list[str] | None:
         """Targets used when `target` is None (None: the method needs no target)."""
         return None
 
+    @property
+    def base_types(self) -> tuple[type, ...] | None:
+        """Layer methods: the module types this method can wrap (None: any)."""
+        return None
+
+    @property
+    def layer_class(self) -> type:
+        """Layer methods: the AdapterLayer subclass that wraps each target."""
+        raise NotImplementedError
+
     def prepare_model(self, model) -> None:
         """Change the frozen base before injection (QLoRA quantizes it). Default: nothing."""
 
-    def make_layer(self, module):
-        """Layer methods: return a new AdapterLayer wrapping `module`."""
-        raise NotImplementedError
+    def make_shared(self, model):
+        """A module of tensors shared by every layer of this adapter (VeRA's random matrices), kept once
+        per model at `PeftModel.shared[name]` and saved with the adapter; None (default): nothing shared."""
+        return None
 
-    def layer_type(self) -> type:
-        """Layer methods: the AdapterLayer class this method wraps modules with."""
-        raise NotImplementedError
+    def make_layer(self, module, path: str):
+        """Layer methods: a new layer wrapping `module` (found at dotted `path`)."""
+        return self.layer_class(module, path)
 
     def make_input_adapter(self, model):
         """Input methods: return the nn.Module that transforms the model's inputs."""
         raise NotImplementedError
+
+    def extra_loss(self, model, adapter_name: str):
+        """A term the Trainer adds to the loss while this adapter trains (AdaLoRA's orthogonality). None: none."""
+        return None
+
+    def training_callbacks(self, model, adapter_name: str) -> list:
+        """Trainer callbacks this method needs (AdaLoRA's rank budget), e.g. [RankAllocator(model)]."""
+        return []
 
 
 __all__ = ["PeftConfig", "REGISTRY", "register", "config_from_dict", "field",

@@ -5,6 +5,12 @@
 `wrap` freezes the base, then either swaps every target module for the method's AdapterLayer (layer
 methods: LoRA, adapters, BitFit, ...) or adds a model-level module that rewrites the inputs (input
 methods: prompt tuning). Several adapters can live on one model; one is active at a time.
+
+Deliberate choices, compared with peft:
+- `add_adapter` leaves the active adapter as it is (as peft); `set_adapter(name)` switches.
+- adapter tensors are float32 on an fp16/bf16 base (as peft's default autocast_adapter_dtype).
+- a target list in which one name matches nothing is an error even if the others match (peft accepts it):
+  a typo such as "v_prj" would otherwise silently train fewer layers than the reader thinks.
 """
 from __future__ import annotations
 
@@ -12,10 +18,9 @@ import contextlib
 import re
 
 import torch
-from torch import nn
 
-from . import targeting
-from .config import PeftConfig
+from . import io, targeting
+from .config import PeftConfig, config_from_dict
 from .layer import AdapterLayer, ModulesToSave
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -31,12 +36,13 @@ class TrainableSummary(dict):
     __str__ = __repr__
 
 
-class PeftModel(nn.Module):
-    def __init__(self, base_model: nn.Module, config: PeftConfig | None = None, adapter_name: str = "default"):
+class PeftModel(torch.nn.Module):
+    def __init__(self, base_model: torch.nn.Module, config: PeftConfig | None = None, adapter_name: str = "default"):
         super().__init__()
         self.base_model = base_model
         self.peft_config: dict[str, PeftConfig] = {}
-        self.input_adapters = nn.ModuleDict()  # prompt tuning and other input methods, by adapter name
+        self.input_adapters = torch.nn.ModuleDict()  # prompt tuning and other input methods, by adapter name
+        self.shared = torch.nn.ModuleDict()  # tensors one adapter shares across its layers (config.make_shared)
         self.active_adapter: str | None = None
         self._disabled = False
         base_model.requires_grad_(False)
@@ -58,22 +64,25 @@ class PeftModel(nn.Module):
         return [(n, m) for n, m in targeting.named_base_modules(self.base_model) if isinstance(m, AdapterLayer)]
 
     def add_adapter(self, name: str, config: PeftConfig) -> None:
-        """Create adapter `name` (trainable, and active)."""
+        """Create adapter `name`. The first adapter becomes active; later ones wait for set_adapter (as peft)."""
         if not isinstance(config, PeftConfig):
             raise ValueError(f"expected a minipeft config (e.g. mp.LoRAConfig), got {type(config).__name__}")
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"adapter name must be an identifier-like string without dots, got {name!r}")
         if name in self.peft_config:
             raise ValueError(f"adapter {name!r} already exists; adapters: {list(self.peft_config)}")
+        save_paths = targeting.find_modules_to_save(self.base_model, config.modules_to_save)
         config.prepare_model(self.base_model)
-        save_paths = targeting.find_targets(self.base_model, config.modules_to_save, method="modules_to_save") \
-            if config.modules_to_save else []
+        shared = config.make_shared(self.base_model)
+        if shared is not None:
+            self.shared[name] = shared
         if config.kind == "layer":
             target = config.target if config.target is not None else config.default_target(self.base_model)
-            for path in targeting.find_targets(self.base_model, target, method=config.method,
-                                               allowed=getattr(config, "allowed_types", None)):
-                if path not in save_paths:  # a module trained in full gets no adapter on top
-                    self._wrap(path, config).add_adapter(name, config)
+            paths = targeting.find_targets(self.base_model, target, method=config.method, allowed=config.base_types,
+                                           exclude=config.exclude, inside=save_paths)
+            for path in paths:
+                layer = self._layer_for(path, config)
+                layer.add_adapter(name, config, **({"shared": shared} if shared is not None else {}))
         elif config.kind == "input":
             self.input_adapters[name] = config.make_input_adapter(self.base_model)
         else:
@@ -81,43 +90,49 @@ class PeftModel(nn.Module):
         for path in save_paths:
             module = self.base_model.get_submodule(path)
             if not isinstance(module, ModulesToSave):
-                module = self._replace(path, ModulesToSave(module))
+                module = self.replace_module(path, ModulesToSave(module, path))
             module.add_adapter(name)
         self.peft_config[name] = config
-        self.set_adapter(name)
+        if self.active_adapter is None:
+            self.set_adapter(name)
+        else:  # keep the active adapter active; the new one waits, frozen
+            self.set_adapter(self.active_adapter)
 
-    def _wrap(self, path: str, config: PeftConfig) -> AdapterLayer:
+    def _layer_for(self, path: str, config: PeftConfig) -> AdapterLayer:
         module = self.base_model.get_submodule(path)
         if isinstance(module, AdapterLayer):
-            if type(module) is not config.layer_type():
+            if type(module) is not type(config.make_layer(module.base_layer, path)):
                 raise ValueError(f"{path} already carries a {type(module).__name__}; one method per module "
                                  f"(cannot add {config.method})")
             return module
-        return self._replace(path, config.make_layer(module))
+        return self.replace_module(path, config.make_layer(module, path))
 
-    def _replace(self, path: str, new: nn.Module) -> nn.Module:
+    def replace_module(self, path: str, new: torch.nn.Module) -> torch.nn.Module:
+        """Put `new` at dotted `path` in the base model; returns it."""
         parent, _, child = path.rpartition(".")
         setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, new)
         return new
 
-    def _check_name(self, name: str) -> None:
+    def check_adapter_name(self, name: str) -> None:
         if name not in self.peft_config:
             raise ValueError(f"no adapter named {name!r}; adapters: {list(self.peft_config)}")
 
     def adapter_parameters(self, name: str):
-        """(dotted name, parameter) of adapter `name` only."""
+        """(dotted name, parameter) of adapter `name` only: its trainable tensors."""
         for path, layer in self.adapter_layers():
             for attr, obj in layer.adapter_modules(name).items():
-                params = [("", obj)] if isinstance(obj, nn.Parameter) else obj.named_parameters()
+                params = [("", obj)] if isinstance(obj, torch.nn.Parameter) else obj.named_parameters()
                 for k, p in params:
                     yield f"{path}.{attr}.{name}" + (f".{k}" if k else ""), p
-        if name in self.input_adapters:
-            for k, p in self.input_adapters[name].named_parameters():
-                yield f"input_adapters.{name}.{k}", p
+        for prefix, modules in (("input_adapters", self.input_adapters), ("shared", self.shared)):
+            if name in modules:
+                for k, p in modules[name].named_parameters():
+                    yield f"{prefix}.{name}.{k}", p
 
     def set_adapter(self, name: str) -> None:
-        """Make `name` the active adapter: only its parameters require grad."""
-        self._check_name(name)
+        """Make `name` the active adapter: only its parameters require grad (frozen adapter tensors are
+        buffers, so they stay frozen)."""
+        self.check_adapter_name(name)
         self.active_adapter = name
         self.requires_grad_(False)
         for _, p in self.adapter_parameters(name):
@@ -126,13 +141,14 @@ class PeftModel(nn.Module):
             layer.active_adapter = name
 
     def delete_adapter(self, name: str) -> None:
-        self._check_name(name)
+        self.check_adapter_name(name)
         for path, layer in self.adapter_layers():
             layer.delete_adapter(name)
             if not layer.adapter_names():  # nothing left on this module: put the base module back
-                self._replace(path, layer.base_layer)
-        if name in self.input_adapters:  # ModuleDict.pop takes no default
-            del self.input_adapters[name]
+                self.replace_module(path, layer.base_layer)
+        for modules in (self.input_adapters, self.shared):
+            if name in modules:  # ModuleDict.pop takes no default
+                del modules[name]
         del self.peft_config[name]
         if self.active_adapter == name:
             self.active_adapter = None
@@ -141,47 +157,79 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the bare base model inside the `with` block."""
+        """Run the bare base model inside the `with` block — merged or not (a merged adapter is taken out
+        of the base weights for the block and put back after it)."""
         layers = [layer for _, layer in self.adapter_layers()]
-        was = self._disabled
+        was_disabled, merged = self._disabled, {layer: list(layer.merged_adapters) for layer in layers}
+        self.unmerge()
         self._disabled = True
         for layer in layers:
             layer.disabled = True
         try:
             yield self
         finally:
-            self._disabled = was
+            self._disabled = was_disabled
             for layer in layers:
-                layer.disabled = was
+                layer.disabled = was_disabled
+                for name in merged[layer]:
+                    layer.merge(name)
 
     # ---- merge ------------------------------------------------------------------------------------
-    def merge(self, adapter_name: str | None = None) -> None:
-        """Fold the adapter into the base weights: same outputs, no extra inference cost."""
+    def merge(self, adapter_name: str | None = None, safe_merge: bool = False) -> None:
+        """Fold the adapter into the base weights: same outputs, no extra inference cost.
+        safe_merge: check every merged weight is finite and undo the merge (ValueError) if one is not."""
         name = adapter_name or self.active_adapter
-        self._check_name(name)
+        self.check_adapter_name(name)
         if self.peft_config[name].kind != "layer":
             raise ValueError(f"{self.peft_config[name].method} acts on the inputs; there is nothing to merge")
-        layers = [layer for _, layer in self.adapter_layers() if name in layer.adapter_names()]
-        if any(layer.merged_adapters for layer in layers):
+        layers = [(p, layer) for p, layer in self.adapter_layers() if name in layer.adapter_names()]
+        if any(layer.merged_adapters for _, layer in layers):
             raise ValueError("an adapter is already merged; call unmerge() first")
-        cannot = {type(layer).__name__ for layer in layers if not layer.can_merge}
+        cannot = {type(layer).__name__ for _, layer in layers if not layer.can_merge}
         if cannot:
             raise ValueError(f"{self.peft_config[name].method} cannot be merged: {sorted(cannot)} is not a "
                              f"linear change of a base weight")
-        for layer in layers:
+        for _, layer in layers:
             layer.merge(name)
+        if safe_merge:
+            bad = [p for p, layer in layers if not all(torch.isfinite(t).all() for t in layer.base_layer.state_dict().values()
+                                                      if t.is_floating_point())]
+            if bad:
+                self.unmerge()
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights in {bad[:5]}; nothing merged")
 
     def unmerge(self) -> None:
+        """Give the base layers back their exact weights from before the merge."""
         for _, layer in self.adapter_layers():
             if layer.merged_adapters:
                 layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapter and return the plain base model (no adapter layers left)."""
-        self.merge()
+    def unload(self) -> torch.nn.Module:
+        """The base model without any adapter layer and unchanged weights (merged adapters are taken out)."""
+        self.unmerge()
         for path, layer in self.adapter_layers():
-            self._replace(path, layer.base_layer)
+            self.replace_module(path, layer.base_layer)
         return self.base_model
+
+    def merge_and_unload(self, safe_merge: bool = False) -> torch.nn.Module:
+        """Merge the active adapter and return the plain base model (no adapter layers left)."""
+        self.merge(safe_merge=safe_merge)
+        for path, layer in self.adapter_layers():
+            self.replace_module(path, layer.base_layer)
+        return self.base_model
+
+    # ---- training hooks ---------------------------------------------------------------------------
+    def extra_loss(self):
+        """The active adapter's extra loss term (its config's `extra_loss`), or None."""
+        name = self.active_adapter
+        if name is None or self._disabled or not self.training:
+            return None
+        return self.peft_config[name].extra_loss(self, name)
+
+    def training_callbacks(self) -> list:
+        """Trainer callbacks the active adapter's method needs (its config's `training_callbacks`)."""
+        name = self.active_adapter
+        return [] if name is None else list(self.peft_config[name].training_callbacks(self, name))
 
     # ---- forward ----------------------------------------------------------------------------------
     def _input_adapter(self):
@@ -215,20 +263,57 @@ class PeftModel(nn.Module):
         print(self.trainable_summary())
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        from .io import adapter_state_dict
-        return adapter_state_dict(self, adapter_name or self.active_adapter)
+        """{"model.layers.0.self_attn.q_proj.lora_A.weight": tensor, ...}: adapter tensors only."""
+        name = adapter_name or self.active_adapter
+        self.check_adapter_name(name)
+        state = {}
+        for path, layer in self.adapter_layers():
+            state.update({f"{path}.{k}": v for k, v in layer.adapter_state(name).items()})
+        for prefix, modules in (("input_adapter", self.input_adapters), ("shared", self.shared)):
+            if name in modules:
+                state.update({f"{prefix}.{k}": v.detach() for k, v in modules[name].state_dict().items()})
+        return state
 
     def save_adapter(self, path, adapter_name: str | None = None) -> None:
-        from .io import save_adapter
-        save_adapter(self, path, adapter_name or self.active_adapter)
+        name = adapter_name or self.active_adapter
+        io.write_adapter(path, self.peft_config[name].to_dict(), io.base_model_info(self.base_model),
+                         self.adapter_state_dict(name))
 
     def load_adapter(self, path, adapter_name: str = "default", is_trainable: bool = False) -> None:
-        from .io import load_into
-        load_into(self, path, adapter_name, is_trainable)
+        """Add adapter `adapter_name` from a saved folder, checking that it fits this base. For inference
+        (default) it is frozen and the model is put in eval mode (dropout off); with is_trainable=True it
+        trains once active and the model stays in its mode. As peft, loading does not switch the active
+        adapter (the first adapter of a model is active): call set_adapter(adapter_name)."""
+        meta, tensors = io.read_adapter(path)
+        config = config_from_dict(meta["config"])
+        io.check_fits(path, meta, tensors, self.base_model)
+        self.add_adapter(adapter_name, config)
+        try:
+            expected = self.adapter_state_dict(adapter_name)
+            io.check_tensors_match(path, tensors, expected)
+            with torch.no_grad():
+                for key, value in tensors.items():
+                    expected[key].copy_(value)  # the state-dict tensors share storage with the live tensors
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            for _, p in self.adapter_parameters(adapter_name):
+                p.requires_grad_(False)
+            self.eval()
 
 
-def wrap(base_model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+def wrap(base_model: torch.nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Freeze `base_model` and add one adapter described by `config`."""
     if isinstance(base_model, PeftModel):
         raise ValueError("model is already wrapped; use model.add_adapter(name, config) to add another adapter")
     return PeftModel(base_model, config, adapter_name)
+
+
+def load_adapter(base_model: torch.nn.Module, path, adapter_name: str = "default", is_trainable: bool = False):
+    """Wrap `base_model` with the adapter saved at `path`: frozen and in eval mode, unless is_trainable."""
+    if isinstance(base_model, PeftModel):
+        raise ValueError("base_model is already wrapped; use model.load_adapter(path, adapter_name)")
+    model = PeftModel(base_model)  # no adapter yet: load_adapter adds it with the file's tensors
+    model.load_adapter(path, adapter_name, is_trainable)
+    return model

@@ -14,11 +14,8 @@ from collections import Counter
 
 from torch import nn
 
-try:  # GPT-2 stores its projections as Conv1D with the weight transposed: (d_in, d_out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # transformers is optional for plain PyTorch models
-    class Conv1D(nn.Module):  # type: ignore[no-redef]
-        pass
+from .layer import AdapterLayer
+from .weights import Conv1D
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
 
@@ -60,8 +57,6 @@ def default_target(model: nn.Module, kind: str, method: str) -> list[str]:
 
 def named_base_modules(model: nn.Module):
     """named_modules() that does not descend into adapter layers (their insides are not targets)."""
-    from .layer import AdapterLayer
-
     def walk(module, prefix):
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
@@ -74,7 +69,6 @@ def named_base_modules(model: nn.Module):
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The frozen module under any adapter layers."""
-    from .layer import AdapterLayer
     while isinstance(module, AdapterLayer):
         module = module.base_layer
     return module
@@ -82,7 +76,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 def describe_modules(model: nn.Module, limit: int = 40) -> str:
     """A compact list of what exists: leaf names with counts and one full example each."""
-    leaves = [(n, m) for n, m in named_base_modules(model) if not list(m.children()) or _is_wrapped(m)]
+    leaves = [(n, m) for n, m in named_base_modules(model) if not list(m.children()) or isinstance(m, AdapterLayer)]
     counts = Counter(n.rsplit(".", 1)[-1] for n, _ in leaves)
     example = {}
     for n, m in leaves:
@@ -91,12 +85,7 @@ def describe_modules(model: nn.Module, limit: int = 40) -> str:
     return "; ".join(parts) + (" ..." if len(example) > limit else "")
 
 
-def _is_wrapped(m):
-    from .layer import AdapterLayer
-    return isinstance(m, AdapterLayer)
-
-
-def _output_head_names(model: nn.Module) -> set[str]:
+def output_head_names(model: nn.Module) -> set[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {n for n, m in named_base_modules(model) if head is not None and unwrap(m) is head}
     # no output embeddings (a classification model): its new head, named like peft's SEQ_CLS heads
@@ -104,12 +93,27 @@ def _output_head_names(model: nn.Module) -> set[str]:
                      or n in ("classifier", "score")}
 
 
-def find_targets(model: nn.Module, target, *, method: str, allowed: tuple[type, ...] | None = None) -> list[str]:
-    """Dotted names of the modules `target` selects. Raises ValueError if none, or if a match has a type
-    the method cannot wrap (`allowed`)."""
-    modules = list(named_base_modules(model))
+def _matcher(spec):
+    """A predicate on dotted names: a list of suffixes (whole dotted parts) or a regex (full match)."""
+    if isinstance(spec, str):
+        pattern = re.compile(spec)
+        return lambda n: pattern.fullmatch(n) is not None
+    return lambda n: any(n == t or n.endswith("." + t) for t in spec)
+
+
+def within(path: str, roots) -> bool:
+    """Is `path` one of `roots` or inside one of them?"""
+    return any(path == r or path.startswith(r + ".") for r in roots)
+
+
+def find_targets(model: nn.Module, target, *, method: str, allowed: tuple[type, ...] | None = None,
+                 exclude=None, inside=()) -> list[str]:
+    """Dotted names of the modules `target` selects, less those `exclude` selects and those within a
+    module in `inside` (modules trained in full get no adapter, on them or in them). Raises ValueError
+    if none is left, or if a match has a type the method cannot wrap (`allowed`)."""
+    modules = [(n, m) for n, m in named_base_modules(model) if not within(n, inside)]
     if target == "all-linear":
-        heads = _output_head_names(model)
+        heads = output_head_names(model)
         names = [n for n, m in modules if is_linear(unwrap(m)) and n not in heads]
     elif isinstance(target, str):
         try:
@@ -122,10 +126,18 @@ def find_targets(model: nn.Module, target, *, method: str, allowed: tuple[type, 
         missing = [t for t in target if not any(n == t or n.endswith("." + t) for n, _ in modules)]
         if names and missing:
             raise ValueError(f"{method}: target {missing} matched no module. Modules: {describe_modules(model)}")
+    if exclude is not None:
+        try:
+            excluded = _matcher(exclude)
+        except re.error as e:
+            raise ValueError(f"{method}: exclude {exclude!r} is not a valid regex ({e})") from None
+        names = [n for n in names if not excluded(n)]
     if not names:
         hint = ""
+        if inside or exclude is not None:
+            hint = f" once modules_to_save {list(inside)} and exclude={exclude!r} are left out"
         if isinstance(target, str) and target != "all-linear" and any(n.endswith("." + target) for n, _ in modules):
-            hint = f" (a string is a regex on the full name; for a suffix pass a list: target=[{target!r}])"
+            hint += f" (a string is a regex on the full name; for a suffix pass a list: target=[{target!r}])"
         raise ValueError(f"{method}: target {target!r} matched no module{hint}. Modules: {describe_modules(model)}")
     if allowed is not None:
         by_name = dict(modules)
@@ -134,3 +146,20 @@ def find_targets(model: nn.Module, target, *, method: str, allowed: tuple[type, 
             raise ValueError(f"{method} can only wrap {[t.__name__ for t in allowed]}; target {target!r} also "
                              f"matched {bad[:5]}{' ...' if len(bad) > 5 else ''}")
     return names
+
+
+CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
+def find_modules_to_save(model: nn.Module, names) -> list[str]:
+    """Dotted names of the modules trained in full (`modules_to_save`). A container (ModuleList, ...)
+    has no forward of its own to train through: name the modules in it instead."""
+    if not names:
+        return []
+    paths = find_targets(model, names, method="modules_to_save")
+    bad = [(p, type(unwrap(model.get_submodule(p))).__name__) for p in paths
+           if isinstance(unwrap(model.get_submodule(p)), CONTAINERS)]
+    if bad:
+        raise ValueError(f"modules_to_save names containers {bad[:5]}, which have no forward; name the "
+                         f"modules inside them")
+    return [p for p in paths if not within(p, [q for q in paths if q != p])]  # the outermost of nested ones

@@ -1,8 +1,10 @@
 """One small Trainer for every chapter: AdamW, warmup + schedule, clipping, accumulation, eval.
 
 The model is any ``nn.Module`` whose ``forward(**batch)`` returns an object with ``.loss`` (Hugging
-Face models and minipeft's wrapped models both do). If the model has a callable ``extra_loss()``,
-its value is added to the loss (a regulariser such as AdaLoRA's orthogonality penalty).
+Face models and minipeft's wrapped models both do). If the model has a callable ``extra_loss()``
+that returns a tensor (a PeftModel returns its method's term, e.g. AdaLoRA's orthogonality penalty, or
+None), it is added to the loss. A model's ``training_callbacks()`` (a PeftModel's method schedule, e.g.
+AdaLoRA's rank budget) run after the callbacks passed in.
 
 Callbacks are plain objects with any of these methods (all optional), each called with the trainer:
 ``on_train_begin``, ``on_before_optimizer_step`` (gradients are present), ``on_step_end``,
@@ -81,7 +83,9 @@ class Trainer:
         self.model, self.train_dataset, self.eval_dataset = model, train_dataset, eval_dataset
         self.collate_fn, self.batch_size, self.grad_accum = collate_fn, batch_size, grad_accum
         self.lr, self.schedule, self.weight_decay, self.max_grad_norm = lr, schedule, weight_decay, max_grad_norm
-        self.eval_every, self.eval_fn, self.callbacks = eval_every, eval_fn, list(callbacks)
+        method_callbacks = getattr(model, "training_callbacks", None)
+        method_callbacks = method_callbacks() if callable(method_callbacks) else []
+        self.eval_every, self.eval_fn, self.callbacks = eval_every, eval_fn, list(callbacks) + method_callbacks
         self.seed, self.progress, self.shuffle = seed, progress, shuffle
         steps_per_epoch = math.ceil(len(train_dataset) / (batch_size * grad_accum))
         self.max_steps = max_steps if max_steps is not None else max(1, round(epochs * steps_per_epoch))
@@ -116,9 +120,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.model(**batch).loss
         extra = getattr(self.model, "extra_loss", None)
-        if callable(extra):
-            loss = loss + extra()
-        return loss
+        extra = extra() if callable(extra) else None
+        return loss if extra is None else loss + extra
 
     def _call(self, hook, *args):
         for cb in self.callbacks:

@@ -99,6 +99,8 @@ def test_two_adapters_switch_delete():
         plain = base(X).logits
     model = mp.wrap(base, AdapterConfig(bottleneck=4, init_std=0.1))
     model.add_adapter("big", AdapterConfig(bottleneck=16, init_std=0.1))
+    assert model.active_adapter == "default"  # adding does not switch (as peft)
+    model.set_adapter("big")
     with torch.no_grad():
         out_big = model(X).logits
         model.set_adapter("default")

@@ -137,6 +137,7 @@ def test_two_adapters_switch_delete_disable():
         plain = base(X).logits
     model = mp.wrap(base, BitFitConfig())
     model.add_adapter("q", BitFitConfig(target=["query"]))
+    model.set_adapter("q")
     with torch.no_grad():
         for name in ("default", "q"):
             for _, p in model.adapter_parameters(name):

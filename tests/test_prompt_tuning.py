@@ -127,9 +127,11 @@ def test_inits():
     P = m.input_adapters["default"].prompt
     assert P.abs().max() <= 0.5 and P.std() > 0.2
     m.add_adapter("vocab", PromptTuningConfig(num_virtual_tokens=L, init="vocab"))
+    m.set_adapter("vocab")
     ids, sims = nearest_tokens(m, k=3)
     assert torch.allclose(sims[:, 0], torch.ones(L)) and torch.equal(m.input_adapters["vocab"].prompt, E[ids[:, 0]])
     m.add_adapter("text", PromptTuningConfig(num_virtual_tokens=L, init="text", init_token_ids=[7, 8]))
+    m.set_adapter("text")
     ids, _ = nearest_tokens(m, k=1)
     assert ids[:, 0].tolist() == [7, 8, 7, 8, 7]  # repeated, then cut to L_p
 
@@ -162,6 +164,7 @@ def test_save_load_bit_exact(tmp_path):
 def test_two_adapters_switch_delete():
     model = mp.wrap(gpt2(), PromptTuningConfig(num_virtual_tokens=L))
     model.add_adapter("long", PromptTuningConfig(num_virtual_tokens=3))
+    model.set_adapter("long")
     x, _ = left_padded()
     assert model(input_ids=x).logits.shape[1] == 3 + 7
     model.set_adapter("default")

@@ -12,7 +12,7 @@ from torch import nn
 
 import minipeft as mp
 from minipeft.config import config_from_dict
-from minipeft.quant import (CODES, Linear4bit, QLoRAConfig, QLoRALinear, dequantize_4bit, dequantize_and_merge,
+from minipeft.quant import (CODES, Linear4bit, QLoRAConfig, dequantize_4bit, dequantize_and_merge,
                             linear_4bit, merge_error, quantize_base)
 
 CUDA = torch.cuda.is_available()
@@ -114,9 +114,12 @@ def test_linear_4bit_keeps_no_dequantized_weight():
 
     x = torch.randn(2, 256, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x).sum()  # plain forward: autograd keeps the (128, 256) weight for backward
+        layer.plain_forward(x).sum()  # plain F.linear: autograd keeps the (128, 256) weight for backward
         plain, saved[:] = list(saved), []
+        layer(x).sum()  # Linear4bit.forward while training: dequantizes again in backward instead
+        lean, saved[:] = list(saved), []
         linear_4bit(x, layer).sum()
+    assert 128 * 256 not in lean
     assert 128 * 256 in plain and 128 * 256 not in saved
 
 
@@ -166,7 +169,7 @@ def test_plain_merge_is_dequant_plus_sBA_exactly(dtype, input_ids):
     want = {n: (dequantize_4bit(m.base_layer.quant_state, torch.float32) + m.delta_weight("default")).to(dtype)
             for n, m in model.adapter_layers()}
     plain = dequantize_and_merge(model, dtype)
-    assert not any(isinstance(m, (Linear4bit, QLoRALinear)) for m in plain.modules())
+    assert not any(isinstance(m, (Linear4bit, mp.LoRALinear)) for m in plain.modules())
     for n, W in want.items():
         lin = plain.get_submodule(n)
         assert type(lin) is nn.Linear and lin.weight.dtype == dtype and torch.equal(lin.weight, W)

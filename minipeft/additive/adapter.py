@@ -33,7 +33,7 @@ from torch import nn
 from .. import targeting
 from ..config import PeftConfig, check_choice, check_positive, check_positive_int, register
 from ..layer import AdapterLayer
-from ..reparam.lora import linear_dims
+from ..weights import linear_dims
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "identity": nn.Identity}
 
@@ -53,16 +53,14 @@ class AdapterConfig(PeftConfig):
         check_positive("init_std", self.init_std)
 
     @property
-    def allowed_types(self):
+    def base_types(self):
         return targeting.LINEAR_TYPES
 
     def default_target(self, model):
         return targeting.default_target(model, "sublayer_outputs", self.method)
 
-    def make_layer(self, module):
-        return BottleneckAdapter(module)
-
-    def layer_type(self):
+    @property
+    def layer_class(self):
         return BottleneckAdapter
 
 
@@ -70,8 +68,8 @@ class BottleneckAdapter(AdapterLayer):
     adapter_dicts = ("adapter_down", "adapter_up", "act")
     can_merge = False  # W_up f(W_down h) is not linear in h
 
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, path: str = ""):
+        super().__init__(base_layer, path)
         _, self.out_features = linear_dims(base_layer)
         self.adapter_down, self.adapter_up, self.act = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
 
@@ -107,7 +105,7 @@ def adapter_macs_per_token(model, adapter_name: str | None = None) -> dict[str, 
     `model.disable_adapter()` to see what the extra small matmuls cost on your hardware.
     """
     name = adapter_name or model.active_adapter
-    model._check_name(name)
+    model.check_adapter_name(name)
     layers = [layer for _, layer in model.adapter_layers()
               if isinstance(layer, BottleneckAdapter) and name in layer.adapter_names()]
     extra = sum(2 * layer.adapter_down[name].weight.numel() for layer in layers)

@@ -98,6 +98,11 @@ class Linear4bit(nn.Module):
                 "rel_fro": (err.norm() / W.norm().clamp_min(1e-30)).item()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # training an adapter: keep no dequantized weight
+            return _Linear4bitFn.apply(x, self)
+        return self.plain_forward(x)
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         W = self.dequantize()  # (out, in), compute dtype
         b = None if self.bias is None else self.bias.to(self.compute_dtype)
         return F.linear(x.to(self.compute_dtype), W, b).to(x.dtype)
@@ -116,6 +121,29 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+class _Linear4bitFn(torch.autograd.Function):
+    """y = x·dequant(W)ᵀ + b, dequantizing again in backward instead of keeping dequant(W) alive.
+
+    Keeping it between forward and backward would hold a full-precision copy of every layer until backward:
+    the memory QLoRA is meant to save. Dequantizing twice (as bitsandbytes' MatMul4Bit does) costs a little
+    compute and keeps only one layer's dequantized weight alive at a time."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer.plain_forward(x)
+
+    @staticmethod
+    def backward(ctx, g):  # the base is frozen: only x gets a gradient, g_x = g · dequant(W)
+        W = ctx.layer.dequantize()  # (out, in), compute dtype
+        return (g.to(W.dtype) @ W).to(g.dtype), None
+
+
+def linear_4bit(x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
+    """layer(x): the autograd graph keeps no dequantized copy of the weight (what Linear4bit.forward does)."""
+    return layer(x)
 
 
 def _matches(name: str, skip) -> bool:

@@ -23,15 +23,18 @@ prepare_model_for_kbit_training does); they are r·(d_in + d_out) numbers per la
 
 Memory in training: the dequantized weight of a layer is needed in the forward pass and again in the
 backward pass (for the input gradient). Keeping it between the two would hold a full-precision copy of every
-layer until backward — the memory QLoRA is meant to save. `linear_4bit` dequantizes twice instead (as
+layer until backward — the memory QLoRA is meant to save. `Linear4bit.forward` dequantizes twice instead (as
 bitsandbytes' MatMul4Bit does): a little more compute, only one layer's dequantized weight alive at a time.
+
+There is no QLoRA layer class: the adapter is the ordinary `LoRALinear`, which calls its base layer's own
+forward, so every LoRA variant (DoRA, ...) runs on a 4-bit base as it is.
 
 MERGING IS LOSSY. `model.merge()` computes W0' = Q(dequant(W0) + sBA): the sum is re-quantized to NF4, so
 every weight is rounded a second time (up to half a code gap times the block's absmax, ≈ 14% of it): the
 merged model carries a second quantization error about as large as the first, which can be a sizeable
 fraction of the LoRA update itself (tiny-llama, 150 steps: ≈ 0.2×). `merge_error` measures it. What users usually want is the plain-precision merge:
 `dequantize_and_merge(model, torch.bfloat16)` returns an unquantized model with W = dequant(W0) + sBA exactly.
-`unmerge()` restores the original 4-bit weights bit for bit (they are kept while merged).
+`unmerge()` restores the original 4-bit weights bit for bit (the spine keeps every merged layer's state).
 """
 from __future__ import annotations
 
@@ -78,14 +81,9 @@ class QLoRAConfig(LoRAConfig):
         return DTYPES[self.compute_dtype]
 
     def prepare_model(self, model: nn.Module) -> None:
-        skip = targeting._output_head_names(model) | set(self.modules_to_save or [])
+        skip = targeting.output_head_names(model) | set(self.modules_to_save or [])
         quantize_base(model, self.torch_compute_dtype, self.double_quant, self.quant_type, self.blocksize, skip)
 
-    def make_layer(self, module):
-        return QLoRALinear(module)
-
-    def layer_type(self):
-        return QLoRALinear
 
 
 @torch.no_grad()
@@ -101,7 +99,7 @@ def quantize_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32, 
         base = targeting.unwrap(module)
         if isinstance(base, Linear4bit):
             base.compute_dtype = compute_dtype
-        elif isinstance(module, AdapterLayer) and not isinstance(module, QLoRALinear) and isinstance(base, kinds) \
+        elif isinstance(module, AdapterLayer) and isinstance(base, kinds) \
                 and not skipped(name):
             raise ValueError(f"{name} already carries a {type(module).__name__} on an unquantized layer; "
                              f"add the QLoRA adapter first (it quantizes the base), or use a fresh base model")
@@ -112,62 +110,6 @@ def quantize_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32, 
         layer = Linear4bit.from_linear(model.get_submodule(name), compute_dtype, double_quant, quant_type, blocksize)
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     return len(todo)
-
-
-class _Linear4bitFn(torch.autograd.Function):
-    """y = x·dequant(W)ᵀ + b, dequantizing again in backward instead of keeping dequant(W) alive."""
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer = layer
-        return layer(x)
-
-    @staticmethod
-    def backward(ctx, g):  # the base is frozen: only x gets a gradient, g_x = g · dequant(W)
-        W = ctx.layer.dequantize()  # (out, in), compute dtype
-        return (g.to(W.dtype) @ W).to(g.dtype), None
-
-
-def linear_4bit(x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
-    """layer(x), but the autograd graph keeps no dequantized copy of the weight."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Linear4bitFn.apply(x, layer)
-    return layer(x)
-
-
-class QLoRALinear(LoRALinear):
-    """LoRA on a Linear4bit: memory-lean base matmul, fp32 adapters, exact unmerge."""
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        self._unmerged_state = None  # the 4-bit weights from before a (lossy) merge
-
-    def add_adapter(self, name: str, config: LoRAConfig) -> None:
-        super().add_adapter(name, config)
-        self.lora_A[name].float()
-        self.lora_B[name].float()
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if isinstance(self.base_layer, Linear4bit):
-            y = linear_4bit(x, self.base_layer)
-        else:
-            y = self.base_layer(x, *args, **kwargs)
-        name = self.active
-        if name is None:
-            return y
-        h = self.lora_A[name](self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype)))  # (..., r)
-        return y + (self.lora_B[name](h) * self.scaling[name]).to(y.dtype)  # (..., d_out)
-
-    def merge(self, name: str) -> None:
-        if isinstance(self.base_layer, Linear4bit) and self._unmerged_state is None:
-            self._unmerged_state = self.base_layer.quant_state  # set_weight stores new tensors; keep these
-        super().merge(name)  # W0 ← Q(dequant(W0) + sBA): lossy
-
-    def unmerge(self) -> None:
-        if self._unmerged_state is None:
-            return super().unmerge()
-        self.base_layer._store(self._unmerged_state)  # bit-exact, unlike subtracting sBA and re-quantizing
-        self._unmerged_state, self.merged_adapters = None, []
 
 
 def _logits(model, inputs):
@@ -187,7 +129,7 @@ def merge_error(model, inputs, adapter_name: str | None = None) -> dict:
     """
     name = adapter_name or model.active_adapter
     layers = [lay for _, lay in model.adapter_layers()
-              if isinstance(lay, QLoRALinear) and isinstance(lay.base_layer, Linear4bit) and name in lay.adapter_names()]
+              if isinstance(lay, LoRALinear) and isinstance(lay.base_layer, Linear4bit) and name in lay.adapter_names()]
     if not layers:
         raise ValueError("merge_error needs a model with QLoRA layers on a 4-bit base (mp.QLoRAConfig)")
     model.set_adapter(name)
@@ -220,21 +162,21 @@ def dequantize_and_merge(model, dtype: torch.dtype | str = torch.bfloat16, adapt
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
     name = adapter_name or model.active_adapter
-    model._check_name(name)
+    model.check_adapter_name(name)
     if any(lay.merged_adapters for _, lay in model.adapter_layers()):
         raise ValueError("an adapter is merged into the 4-bit weights (lossy); call model.unmerge() first")
     for path, lay in model.adapter_layers():
         if isinstance(lay, LoRALinear):
             W = _dense_weight(lay.base_layer)
             if name in lay.adapter_names():
-                W = W + lay.delta_weight(name).float()
-            model._replace(path, _linear_like(lay.base_layer, W, dtype))
+                W = lay.merged_weight(name, W)  # W0 + sBA for LoRA; a variant's own merge (DoRA)
+            model.replace_module(path, _linear_like(lay.base_layer, W, dtype))
         else:  # e.g. a trained classifier head (modules_to_save)
             lay.merge(name)
-            model._replace(path, lay.base_layer)
+            model.replace_module(path, lay.base_layer)
     for path, module in list(model.base_model.named_modules()):
         if isinstance(module, Linear4bit):  # quantized layers that carried no adapter
-            model._replace(path, _linear_like(module, _dense_weight(module), dtype))
+            model.replace_module(path, _linear_like(module, _dense_weight(module), dtype))
     return model.base_model
 
 
@@ -253,4 +195,4 @@ def _linear_like(layer: nn.Module, W: torch.Tensor, dtype: torch.dtype) -> nn.Li
     return out.requires_grad_(False)
 
 
-__all__ = ["QLoRAConfig", "QLoRALinear", "quantize_base", "linear_4bit", "merge_error", "dequantize_and_merge"]
+__all__ = ["QLoRAConfig", "quantize_base", "merge_error", "dequantize_and_merge"]

@@ -85,7 +85,7 @@ def bias_changes(model, adapter_name: str | None = None) -> dict[str, dict[int |
     Ready for a heatmap: rows = module types, columns = layers.
     """
     name = adapter_name or model.active_adapter
-    model._check_name(name)
+    model.check_adapter_name(name)
     out: dict[str, dict] = {}
     for path, layer in model.adapter_layers():
         if not isinstance(layer, SparseDeltaLayer) or name not in layer.adapter_names():

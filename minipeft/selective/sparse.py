@@ -9,7 +9,7 @@ Per wrapped module and adapter, for each selected parameter p (e.g. "bias"): a f
 `sparse_index[name][p]` (long, |S_p|,) into θ0_p.flatten() and the trainable values `sparse_values[name][p]`
 (|S_p|,). The forward pass runs the module with the patched parameters via
 `torch.func.functional_call`, so several adapters, `disable_adapter()` and `delete_adapter` work and θ0
-is never touched. Merge adds δ in place and keeps the original entries, so unmerge restores them exactly.
+is never touched. Merge adds δ in place; unmerge restores θ0 exactly (the spine keeps it while merged).
 Saving writes only the indices and the values ("save only the changed entries").
 Trainable parameters: |S|.
 
@@ -54,10 +54,8 @@ class SelectiveConfig(PeftConfig):
     def default_target(self, model):
         return "|".join(re.escape(path) for path in self._plan)  # exactly the owner modules (a regex)
 
-    def make_layer(self, module):
-        return SparseDeltaLayer(module)
-
-    def layer_type(self):
+    @property
+    def layer_class(self):
         return SparseDeltaLayer
 
     def indices_for(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -188,10 +186,9 @@ class SparseDeltaLayer(AdapterLayer):
     adapter_dicts = ("sparse_values", "sparse_index")
     can_merge = True
 
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, path: str = ""):
+        super().__init__(base_layer, path)
         self.sparse_values, self.sparse_index = nn.ModuleDict(), nn.ModuleDict()
-        self._original: dict[str, torch.Tensor] = {}  # θ0 at the selected entries while merged
 
     def theta0(self, key: str) -> torch.Tensor:
         return self.base_layer.get_parameter(key.replace(_SEP, "."))
@@ -216,27 +213,17 @@ class SparseDeltaLayer(AdapterLayer):
         params = {key.replace(_SEP, "."): self.patched(name, key) for key in self.sparse_values[name]}
         return functional_call(self.base_layer, params, args, kwargs)
 
-    @torch.no_grad()
-    def merge(self, name: str) -> None:
+    def merge_weights(self, name: str) -> None:
         for key, delta in self.sparse_values[name].items():
             flat, idx = self.theta0(key).view(-1), getattr(self.sparse_index[name], key)
-            self._original[key] = flat[idx].clone()
             flat[idx] += delta.to(flat.dtype)
-        self.merged_adapters.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        for name in self.merged_adapters:
-            for key in self.sparse_values[name]:
-                self.theta0(key).view(-1)[getattr(self.sparse_index[name], key)] = self._original.pop(key)
-        self.merged_adapters = []
 
 
 @torch.no_grad()
 def delta_summary(model, adapter_name: str | None = None) -> dict[str, dict[str, float]]:
     """{parameter name: {"n": |S_p|, "mean_abs": mean |δ|, "l2": ‖δ‖}} for a sparse adapter."""
     name = adapter_name or model.active_adapter
-    model._check_name(name)
+    model.check_adapter_name(name)
     out = {}
     for path, layer in model.adapter_layers():
         if isinstance(layer, SparseDeltaLayer) and name in layer.adapter_names():
