@@ -256,7 +256,8 @@ class PeftModel(torch.nn.Module):
         """Trainable and total parameters (4-bit weights counted as the parameters they stand for)."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
-        total += sum(getattr(m, "n_quantized_params", 0) for m in self.modules())
+        total += sum(m.n_quantized_params for m in self.modules()
+                     if "n_quantized_params" in dir(type(m)))  # the 4-bit layer itself, not its wrapper
         return TrainableSummary(trainable=trainable, total=total, percent=100.0 * trainable / max(total, 1))
 
     def print_trainable_parameters(self) -> None:
