@@ -7,7 +7,8 @@ None), it is added to the loss. A model's ``training_callbacks()`` (a PeftModel'
 AdaLoRA's rank budget) run after the callbacks passed in.
 
 Callbacks are plain objects with any of these methods (all optional), each called with the trainer:
-``on_train_begin``, ``on_before_optimizer_step`` (gradients are present), ``on_step_end``,
+``on_train_begin``, ``on_before_optimizer_step`` (gradients are present), ``on_optimizer_step`` (after
+the update, gradients still present: where peft calls AdaLoRA's ``update_and_allocate``), ``on_step_end``,
 ``on_evaluate(trainer, metrics)``, ``on_train_end``.
 """
 from __future__ import annotations
@@ -185,6 +186,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             self._call("on_before_optimizer_step")
             self.optimizer.step()
+            self._call("on_optimizer_step")  # weights updated, gradients still present (AdaLoRA scores here)
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             h = self.history
