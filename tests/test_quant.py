@@ -217,8 +217,9 @@ def test_paged_adamw_matches_torch_adamw():
 def test_compiled_dequant_matches_reference_cpu():
     # the torch.compile path (used on CUDA without Triton); slow-ish: one compilation, ~25 s on 2 cores
     from minipeft.quant import kernels
+    from minipeft.quant.nf4 import get_code
     st = quantize_4bit(torch.randn(100, 99, generator=torch.Generator().manual_seed(4)))
-    out = kernels.dequantize_4bit_compiled(st, torch.float32)
+    out = kernels.dequantize_4bit_compiled(st, get_code("nf4", pad16=True), torch.float32)
     assert kernels._compiled is not False, "torch.compile failed and fell back to eager"
     torch.testing.assert_close(out, dequantize_4bit_reference(st, torch.float32), atol=1e-6, rtol=1e-6)
 

@@ -82,7 +82,7 @@ def _model_bytes(model) -> int:
 def qlora_variant(variant: str, args) -> dict:
     """One training run in this process: variant "lora", "qlora" or "qlora-paged"."""
     import minipeft as mp
-    from minipeft.bench import PeakMemory, llama_base
+    from ..harness import PeakMemory, llama_base
 
     from .linear4bit import base_weight_bytes_per_param
     from .paged import PagedAdamW, optimizer_state_bytes
@@ -130,7 +130,7 @@ def qlora_variant(variant: str, args) -> dict:
 
 
 def section_qlora(args) -> list[dict]:
-    from minipeft.bench import run_isolated
+    from ..harness import run_isolated
     device, cdt = torch.device(args.device), compute_dtype(args)
     print(f"\n## QLoRA vs LoRA training step: Llama-shaped, hidden {args.hidden}, {args.layers} layers, vocab "
           f"{args.vocab}, intermediate {args.intermediate}, batch {args.batch}x{args.seq}, r={args.r} on all linear "

@@ -1,12 +1,15 @@
 """Fused 4-bit dequantization for the GPU, beside the plain-PyTorch reference it must match.
 
-The reference (`nf4.dequantize_4bit_reference`) runs several kernels and writes intermediates:
+The reference (`dequantize_tensors` below, wrapped by `nf4.dequantize_4bit_reference`) runs several kernels and writes intermediates:
 unpack the bytes, look the codes up, dequantize the absmax vector, multiply, cast. A fused kernel
 reads each packed byte once and writes the two output values once, which is what makes 4-bit
 weights cheap on a GPU (the layer is memory-bound: 0.5 byte in, 2 bytes of bf16 out).
 
     out[2k]   = code[byte_k >> 4] · c1[block(2k)]      out[2k+1] = code[byte_k & 15] · c1[block(2k+1)]
     c1[b]     = q[b] / 127 · c2[b // 256] + offset      (double quant; else c1 is stored in fp32)
+
+This module is the floor under nf4.py: it takes a quantized state (anything with nf4.QuantState's fields)
+and the 16-entry code table, and imports nothing from the quantizer.
 
 Selection (`dequantize_4bit_fused`): the Triton kernel below when `triton` imports and the tensor is
 on CUDA; otherwise `torch.compile` of the reference core (falls back to the eager reference, with a
@@ -22,7 +25,23 @@ import warnings
 
 import torch
 
-from .nf4 import QuantState, dequantize_4bit_reference, dequantize_tensors, get_code
+
+def dequantize_absmax(q: torch.Tensor, s2: torch.Tensor, offset: torch.Tensor, blocksize: int = 256):
+    """Inverse of quantize_absmax: c1 ≈ q/127 · c2 + offset (fp32)."""
+    per_block = (s2 / 127).repeat_interleave(blocksize)[: q.numel()]  # (n_blocks,)
+    return q.float() * per_block + offset
+
+
+def dequantize_tensors(packed, code16, absmax, blocksize, absmax_scale=None, absmax_offset=None,
+                       absmax_blocksize=256, dtype=torch.float32) -> torch.Tensor:
+    """Plain-tensor core of dequantization → (n_pad,) in `dtype` (kernels.py compiles this function)."""
+    if absmax_scale is not None:  # double quant: c1 ≈ q/127 · c2 + offset
+        absmax = dequantize_absmax(absmax, absmax_scale, absmax_offset, absmax_blocksize)
+    # one lookup per byte: pair_lut[16·hi + lo] = (code[hi], code[lo])
+    pair_lut = torch.stack([code16.repeat_interleave(16), code16.repeat(16)], dim=1)  # (256, 2)
+    vals = pair_lut[packed.long()].view(-1, blocksize)  # (n_blocks, blocksize)
+    return (vals * absmax[:, None]).reshape(-1).to(dtype)
+
 
 try:
     import triton
@@ -58,11 +77,11 @@ if HAS_TRITON:
         tl.store(out_ptr + k, vals, mask=k < 2 * n_bytes)
 
 
-def dequantize_4bit_triton(state: QuantState, dtype: torch.dtype, block: int = 1024) -> torch.Tensor:
+def dequantize_4bit_triton(state, code16: torch.Tensor, dtype: torch.dtype, block: int = 1024) -> torch.Tensor:
     if not (HAS_TRITON and state.packed.is_cuda):
         raise ValueError("the Triton kernel needs `triton` and a CUDA tensor")
     dev = state.packed.device
-    code16 = get_code(state.quant_type, dev, pad16=True)
+    code16 = code16.to(dev)
     n_bytes = state.packed.numel()
     out = torch.empty(2 * n_bytes, dtype=dtype, device=dev)
     dq = state.double_quant
@@ -78,25 +97,25 @@ def dequantize_4bit_triton(state: QuantState, dtype: torch.dtype, block: int = 1
 _compiled = None  # torch.compile(dequantize_tensors), built on first use; False once it has failed
 
 
-def dequantize_4bit_compiled(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit_compiled(state, code16: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(dequantize_tensors, dynamic=False)
+    args = (state.packed, code16.to(state.packed.device), state.absmax, state.blocksize, state.absmax_scale,
+            state.absmax_offset, state.absmax_blocksize, dtype)
     if _compiled is False:
-        return dequantize_4bit_reference(state, dtype)
-    code16 = get_code(state.quant_type, state.packed.device, pad16=True)
+        return dequantize_tensors(*args)[: state.numel].view(state.shape)
     try:
-        flat = _compiled(state.packed, code16, state.absmax, state.blocksize, state.absmax_scale,
-                         state.absmax_offset, state.absmax_blocksize, dtype)
+        flat = _compiled(*args)
     except Exception as e:  # compiler missing or unsupported backend: stay correct, just slower
         warnings.warn(f"torch.compile of 4-bit dequantization failed ({type(e).__name__}); using eager")
         _compiled = False
-        return dequantize_4bit_reference(state, dtype)
+        flat = dequantize_tensors(*args)
     return flat[: state.numel].view(state.shape)
 
 
-def dequantize_4bit_fused(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit_fused(state, code16: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Triton on CUDA when available, torch.compile otherwise."""
     if HAS_TRITON and state.packed.is_cuda:
-        return dequantize_4bit_triton(state, dtype)
-    return dequantize_4bit_compiled(state, dtype)
+        return dequantize_4bit_triton(state, code16, dtype)
+    return dequantize_4bit_compiled(state, code16, dtype)

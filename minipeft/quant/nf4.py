@@ -36,6 +36,8 @@ from statistics import NormalDist
 
 import torch
 
+from .kernels import dequantize_4bit_fused, dequantize_absmax, dequantize_tensors
+
 
 def nf4_code_values() -> torch.Tensor:
     """The 16 NF4 code values, derived from normal quantiles as in the paper (sorted, fp32)."""
@@ -130,12 +132,6 @@ def quantize_absmax(c1: torch.Tensor, blocksize: int = 256):
     return q, s2, offset
 
 
-def dequantize_absmax(q: torch.Tensor, s2: torch.Tensor, offset: torch.Tensor, blocksize: int = 256):
-    """Inverse of quantize_absmax: c1 ≈ q/127 · c2 + offset (fp32)."""
-    per_block = (s2 / 127).repeat_interleave(blocksize)[: q.numel()]  # (n_blocks,)
-    return q.float() * per_block + offset
-
-
 @dataclass
 class QuantState:
     """A packed 4-bit tensor. Without double quant `absmax` is fp32 and `absmax_scale`/`absmax_offset` are None."""
@@ -188,17 +184,6 @@ def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
                       quant_type, blocksize, absmax_blocksize)
 
 
-def dequantize_tensors(packed, code16, absmax, blocksize, absmax_scale=None, absmax_offset=None,
-                       absmax_blocksize=256, dtype=torch.float32) -> torch.Tensor:
-    """Plain-tensor core of dequantization → (n_pad,) in `dtype` (kernels.py compiles this function)."""
-    if absmax_scale is not None:  # double quant: c1 ≈ q/127 · c2 + offset
-        absmax = dequantize_absmax(absmax, absmax_scale, absmax_offset, absmax_blocksize)
-    # one lookup per byte: pair_lut[16·hi + lo] = (code[hi], code[lo])
-    pair_lut = torch.stack([code16.repeat_interleave(16), code16.repeat(16)], dim=1)  # (256, 2)
-    vals = pair_lut[packed.long()].view(-1, blocksize)  # (n_blocks, blocksize)
-    return (vals * absmax[:, None]).reshape(-1).to(dtype)
-
-
 def dequantize_4bit_reference(state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Plain PyTorch dequantization (the reference every fused kernel must match)."""
     code16 = get_code(state.quant_type, state.packed.device, pad16=True)  # (16,)
@@ -212,8 +197,8 @@ def dequantize_4bit(state: QuantState, dtype: torch.dtype | None = None, fused: 
     if fused is None:
         fused = state.packed.is_cuda
     if fused:
-        from .kernels import dequantize_4bit_fused
-        return dequantize_4bit_fused(state, dtype or state.dtype)
+        code16 = get_code(state.quant_type, state.packed.device, pad16=True)
+        return dequantize_4bit_fused(state, code16, dtype or state.dtype)
     return dequantize_4bit_reference(state, dtype)
 
 

@@ -98,7 +98,8 @@ class DoRALinear(LoRALinear):
         else:
             W0x = F.linear(xd, W0)
         lora = B(A(xd)) * self.scaling[name]  # (..., d_out)
-        return y + ((scale - 1) * W0x + scale * lora).to(y.dtype)
+        # (m/n)(W0x + sBAx) − W0x, written so that backward keeps one (..., d_out) tensor for m's gradient
+        return y + (scale * (W0x + lora) - W0x).to(y.dtype)
 
     def merged_weight(self, name: str, W0: torch.Tensor) -> torch.Tensor:
         """W = m ⊙ (W0 + sBA) / ‖W0 + sBA‖_c."""
