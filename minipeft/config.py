@@ -95,8 +95,8 @@ class PeftConfig:
                 raise ValueError(f"{field_name} must be a non-empty list of strings, got {value!r}")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
-        if self.modules_to_save is not None and (
-                not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save)):
+        saved = self.modules_to_save
+        if saved is not None and (not isinstance(saved, list) or not all(isinstance(m, str) for m in saved)):
             raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         self.validate()
 

@@ -192,8 +192,8 @@ class PeftModel(torch.nn.Module):
         for _, layer in layers:
             layer.merge(name)
         if safe_merge:
-            bad = [p for p, layer in layers if not all(torch.isfinite(t).all() for t in layer.base_layer.state_dict().values()
-                                                      if t.is_floating_point())]
+            bad = [p for p, layer in layers if not all(torch.isfinite(t).all() for t in
+                                                      layer.base_layer.state_dict().values() if t.is_floating_point())]
             if bad:
                 self.unmerge()
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights in {bad[:5]}; nothing merged")

@@ -46,6 +46,7 @@ def peft_twin(ours, arch, **lora_kwargs):
     return theirs
 
 
+RANKS, ALPHAS = {"down_proj": 6, r"layers\.0\.self_attn\.q_proj": 2}, {"v_proj": 3}  # per-module r and alpha
 CASES = {  # arch, our config, peft's config
     "llama-qv": ("llama", dict(r=4, alpha=8, target=["q_proj", "v_proj"]),
                  dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
@@ -55,6 +56,9 @@ CASES = {  # arch, our config, peft's config
                     dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
     "bert-cls": ("bert", dict(r=2, alpha=4, target=["query", "value"], modules_to_save=["classifier"]),
                  dict(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS")),
+    "llama-patterns": ("llama", dict(r=4, alpha=8, target="all-linear", rank_pattern=RANKS, alpha_pattern=ALPHAS),
+                       dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern=RANKS,
+                            alpha_pattern=ALPHAS)),
     "bert-all": ("bert", dict(r=2, alpha=4, target="all-linear", modules_to_save=["classifier"]),
                  dict(r=2, lora_alpha=4, target_modules="all-linear", task_type="SEQ_CLS")),
     "llama-rslora": ("llama", dict(r=16, alpha=8, rslora=True, target=["q_proj", "down_proj"]),
@@ -189,3 +193,24 @@ def test_parameter_count_is_r_times_din_plus_dout():
         expected += r * (d_in + d_out)
     assert model.trainable_summary()["trainable"] == expected
     assert model.trainable_summary()["total"] == sum(p.numel() for p in base.parameters()) + expected
+
+
+def test_lora_on_an_embedding_matches_peft(input_ids):
+    ours = mp.wrap(tiny_llama(), mp.LoRAConfig(r=4, alpha=8, target=["embed_tokens", "q_proj"])).eval()
+    randomize_adapters(ours)
+    theirs = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    emb = ours.base_model.model.embed_tokens
+    assert isinstance(emb, mp.reparam.LoRAEmbedding)
+    state = {}
+    for k, v in as_peft_state(ours).items():  # peft names an embedding's A and B lora_embedding_A/B
+        if ".embed_tokens." in k:
+            k = k.replace("lora_A.weight", "lora_embedding_A.default")
+            k = k.replace("lora_B.weight", "lora_embedding_B.default")
+        state[k] = v
+    assert not set_peft_model_state_dict(theirs, state).unexpected_keys
+    got, want = logits(ours, input_ids), logits(theirs.eval(), input_ids)
+    assert (got - logits(tiny_llama(), input_ids)).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    mine, ref = ours.merge_and_unload().state_dict(), theirs.merge_and_unload().state_dict()
+    key = "model.embed_tokens.weight"
+    torch.testing.assert_close(mine[key], ref[key], atol=1e-6, rtol=0)

@@ -250,3 +250,133 @@ def test_duplicate_and_unknown_adapter_names(llama):
         mp.wrap(model, lora())
     # a failed add leaves the model as it was
     assert list(model.peft_config) == ["default"]
+
+
+# ---- peft's documented behaviours that minipeft once got wrong (each test failed on the old spine) ------
+def test_disable_after_merge_gives_the_base_model(bert, input_ids):
+    base_logits = logits(tiny_bert(), input_ids)
+    model = mp.wrap(bert, lora(r=2, target=["query", "value"], modules_to_save=["classifier"]))
+    randomize_adapters(model)
+    adapted = logits(model, input_ids)
+    model.merge()
+    with model.disable_adapter():
+        assert torch.equal(logits(model, input_ids), base_logits)
+    torch.testing.assert_close(logits(model, input_ids), adapted, atol=1e-5, rtol=0)  # merged again after
+
+
+def test_loading_for_inference_gives_an_eval_mode_model(tmp_path, input_ids):
+    model = mp.wrap(tiny_llama(), lora(dropout=0.5))
+    randomize_adapters(model)
+    model.save_adapter(tmp_path)
+    loaded = mp.load_adapter(tiny_llama().train(), tmp_path)
+    assert not loaded.training
+    assert torch.equal(logits(loaded, input_ids), logits(loaded, input_ids))  # no dropout: deterministic
+    assert mp.load_adapter(tiny_llama().train(), tmp_path, is_trainable=True).training
+
+
+def test_adapters_with_different_modules_to_save_save_and_load(tmp_path, input_ids):
+    model = mp.wrap(tiny_llama(), lora(modules_to_save=["lm_head"]))
+    model.add_adapter("second", lora(target=["k_proj"]))
+    randomize_adapters(model, "second")
+    model.set_adapter("second")
+    want = logits(model, input_ids)
+    model.save_adapter(tmp_path, "second")
+    assert not any("lm_head" in k for k in model.adapter_state_dict("second"))
+    assert torch.equal(logits(mp.load_adapter(tiny_llama(), tmp_path), input_ids), want)
+
+
+def test_wrapped_layers_expose_the_base_layers_attributes():
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                             num_heads=2, decoder_start_token_id=0)).eval()
+    model = mp.wrap(t5, lora(target="all-linear"))  # T5's FFN reads self.wo.weight.dtype
+    ids = torch.randint(0, 64, (1, 5))
+    assert model(input_ids=ids, decoder_input_ids=ids).logits.shape == (1, 5, 64)
+    layer = model.base_model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert layer.weight is layer.base_layer.weight and layer.in_features == 32
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer1 = nn.Linear(8, 8)
+        self.layer3 = nn.Sequential()
+        self.layer3.add_module("layer1", nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.layer3(self.layer1(x))
+
+
+def test_targets_never_reach_inside_modules_to_save():
+    model = mp.wrap(Nested(), lora(target=["layer1"], modules_to_save=["layer3"]))
+    assert [p for p, layer in model.adapter_layers() if isinstance(layer, LoRALinear)] == ["layer1"]
+    assert type(model.base_model.layer3.copies["default"].layer1) is nn.Linear
+
+
+def test_targets_all_in_modules_to_save_and_container_modules_to_save_are_errors(bert):
+    with pytest.raises(ValueError, match="matched no module once modules_to_save"):
+        mp.wrap(bert, lora(target=["classifier"], modules_to_save=["classifier"]))
+    with pytest.raises(ValueError, match="containers"):
+        mp.wrap(tiny_bert(), lora(target=["query"], modules_to_save=["layer"]))  # bert.encoder.layer: ModuleList
+
+
+def test_unload_gives_the_untouched_base(llama, input_ids):
+    want = logits(tiny_llama(), input_ids)
+    model = mp.wrap(llama, lora())
+    randomize_adapters(model)
+    model.merge()
+    plain = model.unload()
+    assert not any(isinstance(m, mp.AdapterLayer) for m in plain.modules())
+    assert torch.equal(logits(plain, input_ids), want)
+
+
+def test_safe_merge_refuses_non_finite_weights(llama, input_ids):
+    model = mp.wrap(llama, lora())
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.base_model.model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite.*layers.1.self_attn.v_proj"):
+        model.merge(safe_merge=True)
+    assert not any(layer.merged_adapters for _, layer in model.adapter_layers())
+    assert torch.equal(model.base_model.model.layers[1].self_attn.v_proj.base_layer.weight,
+                       tiny_llama().model.layers[1].self_attn.v_proj.weight)
+
+
+def test_exclude_leaves_modules_unwrapped(llama):
+    model = mp.wrap(llama, lora(target="all-linear", exclude=["down_proj", "layers.0.self_attn.q_proj"]))
+    paths = [p for p, _ in model.adapter_layers()]
+    assert paths and not any(p.endswith("down_proj") for p in paths)
+    assert "model.layers.0.self_attn.q_proj" not in paths and "model.layers.1.self_attn.q_proj" in paths
+    assert all(layer.path == p for p, layer in model.adapter_layers())  # a layer knows where it is
+    with pytest.raises(ValueError, match="exclude"):
+        mp.wrap(tiny_llama(), lora(target=["q_proj"], exclude=["q_proj"]))
+
+
+def test_trainer_adds_the_methods_extra_loss_and_runs_its_callbacks():
+    from dataclasses import dataclass
+
+    calls = []
+
+    @dataclass
+    class Tracked(mp.LoRAConfig):  # a method with a loss term and a schedule, as AdaLoRA has
+        method = "tracked-test"  # not registered: the contract table lists registered methods only
+
+        def extra_loss(self, model, name):
+            return sum(p.pow(2).sum() for _, p in model.adapter_parameters(name)) * 0.0 + 1.0
+
+        def training_callbacks(self, model, name):
+            return [type("CB", (), {"on_optimizer_step": lambda self, trainer: calls.append(trainer.step)})()]
+
+    model = mp.wrap(tiny_llama(), Tracked(target=["q_proj"]))
+    data = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([1, 2, 3])}] * 4
+    collate = lambda b: {k: torch.stack([x[k] for x in b]) for k in b[0]}  # noqa: E731
+    trainer = mp.Trainer(model, data, collate_fn=collate, max_steps=3, batch_size=2, progress=False, device="cpu")
+    trainer.train()
+    assert calls == [0, 1, 2]
+    with torch.no_grad():
+        plain = model(**collate(data[:2])).loss
+    model.train()
+    assert trainer.compute_loss(collate(data[:2])).item() == pytest.approx(plain.item() + 1.0, abs=1e-5)
+    model.eval()
+    assert model.extra_loss() is None  # only while training

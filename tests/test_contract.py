@@ -1,0 +1,166 @@
+"""One contract for every registered method: a new method is checked by adding one row to CASES.
+
+For each method: it starts at the base model (or its stated near-identity), only its own tensors train,
+save → load is bit-exact (and the loaded model is frozen and in eval mode), adapters can be added,
+switched, disabled and deleted, merged ≡ unmerged with an exact unmerge where it merges (disabled while
+merged gives the base), and an invalid value raises a ValueError that names the field.
+"""
+import copy
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_llama
+
+import minipeft as mp
+from minipeft.selective import SparseConfig
+
+QUERY_W = "bert.encoder.layer.0.attention.self.query.weight"
+
+# method: (base builder, config factory(seed) for a first and a second adapter, start, merge atol, bad value)
+# start: "exact" (adapter output == base output), "near" (close to it), None (changes the input: no claim)
+CASES = {
+    "lora": (tiny_llama, lambda i: mp.LoRAConfig(r=2 + i, target=["q_proj", "v_proj"]), "exact", 1e-5,
+             ({"r": 0}, "r")),
+    "dora": (tiny_llama, lambda i: mp.DoRAConfig(r=2 + i, target=["q_proj", "down_proj"]), "exact", 1e-5,
+             ({"detach_norm": "yes"}, "detach_norm")),
+    "qlora": (tiny_llama, lambda i: mp.QLoRAConfig(r=2 + i, dropout=0.0), "exact", None,
+              ({"blocksize": 3}, "blocksize")),
+    "adapter": (tiny_llama, lambda i: mp.AdapterConfig(bottleneck=4 + i), "near", None,
+                ({"bottleneck": -1}, "bottleneck")),
+    "prompt_tuning": (tiny_llama, lambda i: mp.PromptTuningConfig(num_virtual_tokens=3 + i), None, None,
+                      ({"num_virtual_tokens": 0}, "num_virtual_tokens")),
+    "bitfit": (tiny_bert, lambda i: mp.BitFitConfig(target=None if i == 0 else ["query"],
+                                                    modules_to_save=["classifier"]), "exact", 1e-5,
+               ({"target": 3}, "target")),
+    "sparse": (tiny_bert, lambda i: SparseConfig(selection={QUERY_W: [0, 5, 7 + i]}), "exact", 1e-5,
+               ({"selection": {}}, "selection")),
+}
+
+
+def test_every_registered_method_is_in_the_contract():
+    assert set(CASES) == set(mp.REGISTRY)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def perturb(model, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.adapter_parameters(name):
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_starts_at_the_base(method, ids):
+    build, config, start, _, _ = CASES[method]
+    model = mp.wrap(build(), config(0))
+    with model.disable_adapter():
+        base = logits(model, ids)
+    if start == "exact":
+        assert torch.equal(logits(model, ids), base)
+    elif start == "near":
+        torch.testing.assert_close(logits(model, ids), base, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_only_adapter_tensors_train(method, ids):
+    build, config, *_ = CASES[method]
+    model = mp.wrap(build(), config(0))
+    mine = {f"base_model.{n}" if not n.startswith(("input_adapters.", "shared.")) else n
+            for n, _ in model.adapter_parameters("default")}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable == mine
+    frozen = {n: t.clone() for n, t in model.state_dict().items() if n not in mine}
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    out = model(input_ids=ids, labels=ids if build is tiny_llama else torch.tensor([0, 2]))
+    out.loss.backward()
+    opt.step()
+    assert all(torch.equal(frozen[n], t) for n, t in model.state_dict().items() if n in frozen)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_save_load_is_bit_exact_frozen_and_in_eval_mode(method, ids, tmp_path):
+    build, config, *_ = CASES[method]
+    model = mp.wrap(build(), config(0))
+    perturb(model, "default", 0)
+    want = logits(model.eval(), ids)
+    model.save_adapter(tmp_path)
+    loaded = mp.load_adapter(build(), tmp_path)
+    assert not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert torch.equal(logits(loaded, ids), want)
+    assert loaded.peft_config["default"].to_dict() == model.peft_config["default"].to_dict()
+    trainable = mp.load_adapter(build(), tmp_path, is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_add_switch_disable_delete(method, ids):
+    build, config, *_ = CASES[method]
+    base = build()
+    plain, original_keys = logits(base, ids), set(base.state_dict())
+    model = mp.wrap(base, config(0))
+    with model.disable_adapter():
+        prepared = logits(model, ids)  # the base as the method left it (QLoRA: quantized)
+    perturb(model, "default", 0)
+    first = logits(model, ids)
+    model.add_adapter("second", config(1))  # the active adapter stays active (as peft)
+    assert model.active_adapter == "default" and torch.equal(logits(model, ids), first)
+    perturb(model, "second", 1)
+    assert not any(p.requires_grad for _, p in model.adapter_parameters("second"))
+    model.set_adapter("second")
+    assert all(p.requires_grad for _, p in model.adapter_parameters("second"))
+    assert not any(p.requires_grad for _, p in model.adapter_parameters("default"))
+    assert not torch.equal(logits(model, ids), first)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, ids), prepared)
+    model.delete_adapter("second")
+    assert model.active_adapter == "default" and torch.equal(logits(model, ids), first)
+    model.delete_adapter("default")
+    assert model.adapter_layers() == [] and torch.equal(logits(model, ids), prepared)
+    if method != "qlora":  # every other method leaves the base as it found it
+        assert set(model.base_model.state_dict()) == original_keys and torch.equal(prepared, plain)
+
+
+@pytest.mark.parametrize("method", [m for m in CASES if CASES[m][3] is not None or m == "qlora"])
+def test_merge_is_the_same_function_and_unmerge_is_exact(method, ids):
+    build, config, _, atol, _ = CASES[method]
+    model = mp.wrap(build(), config(0))
+    perturb(model, "default", 0)
+    with model.disable_adapter():
+        base = logits(model, ids)
+    before_state = copy.deepcopy(model.base_model.state_dict())
+    want = logits(model, ids)
+    model.merge()
+    if atol is not None:  # QLoRA re-quantizes: lossy, measured in test_qlora
+        torch.testing.assert_close(logits(model, ids), want, atol=atol, rtol=0)
+    with model.disable_adapter():  # disabling a merged adapter gives the base model
+        assert torch.equal(logits(model, ids), base)
+    model.unmerge()
+    after_state = model.base_model.state_dict()
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+    assert torch.equal(logits(model, ids), want)
+
+
+@pytest.mark.parametrize("method", [m for m in CASES if CASES[m][3] is None and m != "qlora"])
+def test_methods_that_cannot_merge_say_so(method):
+    build, config, *_ = CASES[method]
+    with pytest.raises(ValueError, match="cannot be merged|nothing to merge"):
+        mp.wrap(build(), config(0)).merge()
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_invalid_config_value_names_the_field(method):
+    _, _, _, _, (bad, field) = CASES[method]
+    with pytest.raises(ValueError, match=field):
+        mp.REGISTRY[method](**bad)
