@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from .config import REGISTRY, PeftConfig, register  # noqa: E402
 from .layer import AdapterLayer, ModulesToSave  # noqa: E402
 from .model import PeftModel, load_adapter, wrap  # noqa: E402
-from .reparam import DoRAConfig, LoRAConfig, LoRALinear, loraplus_param_groups  # noqa: E402
+from .reparam import AdaLoRAConfig, DoRAConfig, LoRAConfig, LoRALinear, loraplus_param_groups  # noqa: E402
 from .additive import AdapterConfig, PromptTuningConfig  # noqa: E402
 from .selective import BitFitConfig, SparseConfig  # noqa: E402
 from .quant import QLoRAConfig  # noqa: E402
@@ -19,6 +19,6 @@ from .train import Trainer  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 
 __all__ = ["wrap", "load_adapter", "PeftModel", "PeftConfig", "AdapterLayer", "ModulesToSave", "register",
-           "REGISTRY", "LoRAConfig", "LoRALinear", "loraplus_param_groups", "DoRAConfig",
+           "REGISTRY", "LoRAConfig", "LoRALinear", "loraplus_param_groups", "DoRAConfig", "AdaLoRAConfig",
            "AdapterConfig", "PromptTuningConfig", "BitFitConfig", "SparseConfig", "QLoRAConfig",
            "data", "zoo", "Trainer", "evaluate"]
