@@ -380,3 +380,41 @@ def test_trainer_adds_the_methods_extra_loss_and_runs_its_callbacks():
     assert trainer.compute_loss(collate(data[:2])).item() == pytest.approx(plain.item() + 1.0, abs=1e-5)
     model.eval()
     assert model.extra_loss() is None  # only while training
+
+
+def test_frozen_and_shared_adapter_tensors_stay_frozen_and_are_saved_once(tmp_path, input_ids):
+    """A VeRA/LoRA-FA-like variant: one random A per model (a buffer in PeftModel.shared), B trained."""
+    from dataclasses import dataclass
+
+    class SharedA(LoRALinear):
+        def add_adapter(self, name, config, shared=None):
+            super().add_adapter(name, config)
+            del self.lora_A[name].weight  # A is the shared, frozen matrix (sliced to this layer's width)
+            self.lora_A[name].register_buffer("weight", shared.A[:, :self.in_features].clone())
+
+    @dataclass
+    class SharedAConfig(mp.LoRAConfig):
+        method = "shared-a-test"  # not registered
+
+        @property
+        def layer_class(self):
+            return SharedA
+
+        def make_shared(self, model):
+            shared = nn.Module()
+            shared.register_buffer("A", torch.randn(self.r, 32, generator=torch.Generator().manual_seed(0)))
+            return shared
+
+    model = mp.wrap(tiny_llama(), SharedAConfig(r=2, target=["q_proj", "v_proj"]))
+    model.add_adapter("other", SharedAConfig(r=2, target=["q_proj"]))
+    for name in ("other", "default"):
+        model.set_adapter(name)
+    with model.disable_adapter():
+        pass
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_B.default." in n for n in trainable)  # A never trains
+    assert "shared.A" in model.adapter_state_dict("default")  # saved once, at the model level
+    randomize_adapters(model, "default")
+    model.save_adapter(tmp_path)
+    state = load_file(str(tmp_path / "adapter.safetensors"))
+    assert torch.equal(state["shared.A"], model.shared["default"].A)
