@@ -23,6 +23,8 @@ CASES = {
              ({"r": 0}, "r")),
     "dora": (tiny_llama, lambda i: mp.DoRAConfig(r=2 + i, target=["q_proj", "down_proj"]), "exact", 1e-5,
              ({"detach_norm": "yes"}, "detach_norm")),
+    "adalora": (tiny_llama, lambda i: mp.AdaLoRAConfig(init_r=4 + i, target_r=2, target=["q_proj", "down_proj"]),
+                "exact", 1e-5, ({"target_r": 13}, "target_r")),
     "qlora": (tiny_llama, lambda i: mp.QLoRAConfig(r=2 + i, dropout=0.0), "exact", None,
               ({"blocksize": 3}, "blocksize")),
     "adapter": (tiny_llama, lambda i: mp.AdapterConfig(bottleneck=4 + i), "near", None,
