@@ -4,15 +4,19 @@
     check_lora_linear(MyLoRALinear)
 """
 from ._runner import run_checks
+from .adalora import check_budget_schedule, check_sensitivity, check_triplet_scores
 from .adapters import check_adapter_count, check_bottleneck_adapter
 from .bitfit import check_biases_only, check_count_biases, check_key_bias_shift
+from .dora import check_dora_linear, check_dora_magnitude_grad, check_weight_norm
 from .lora import check_lora_grads, check_lora_init, check_lora_linear
 from .prompt_tuning import check_nearest_tokens, check_prepend_prompt, check_text_init
 from .qlora import check_blockwise_absmax, check_nf4_codes, check_pack_4bit
 
 __all__ = ["run_checks",
            "check_lora_linear", "check_lora_grads", "check_lora_init",                    # LoRA
+           "check_weight_norm", "check_dora_linear", "check_dora_magnitude_grad",      # DoRA
            "check_nf4_codes", "check_blockwise_absmax", "check_pack_4bit",                # QLoRA
+           "check_sensitivity", "check_budget_schedule", "check_triplet_scores",          # AdaLoRA
            "check_bottleneck_adapter", "check_adapter_count",                             # adapters
            "check_prepend_prompt", "check_text_init", "check_nearest_tokens",             # prompt tuning
            "check_count_biases", "check_biases_only", "check_key_bias_shift"]             # BitFit

@@ -92,13 +92,13 @@ class DoRALinear(LoRALinear):
         scale = m / self.weight_norm(name, W0)  # (d_out,) m / n
         dropout = self.lora_dropout[name]
         xd = dropout(x.to(m.dtype))
+        lora = B(A(xd)) * self.scaling[name]  # s · B A x', (..., d_out)
         if isinstance(dropout, nn.Identity):  # W0 x is the base output less its bias: reuse it
             bias = getattr(self.base_layer, "bias", None)
-            W0x = (y if bias is None else y - bias).to(m.dtype)
-        else:
-            W0x = F.linear(xd, W0)
-        lora = B(A(xd)) * self.scaling[name]  # (..., d_out)
-        # (m/n)(W0x + sBAx) − W0x, written so that backward keeps one (..., d_out) tensor for m's gradient
+            if bias is None:
+                return (scale * (y.to(m.dtype) + lora)).to(y.dtype)  # (m/n) ⊙ (W0x + sBAx)
+            return (scale * ((y - bias).to(m.dtype) + lora) + bias).to(y.dtype)
+        W0x = F.linear(xd, W0)  # the branch saw dropout(x): W0 must see the same input
         return y + (scale * (W0x + lora) - W0x).to(y.dtype)
 
     def merged_weight(self, name: str, W0: torch.Tensor) -> torch.Tensor:
