@@ -76,13 +76,22 @@ class DoRALinear(LoRALinear):
     def init_adapter(self, name: str, config: DoRAConfig) -> None:
         W0 = base_weight(self.base_layer).float()  # (d_out, d_in)
         device, dtype = self.base_device_dtype()
-        self.lora_magnitude_vector[name] = nn.Parameter(W0.norm(dim=1).to(device, dtype))  # m = ‖W0‖_c
+        # ‖W0‖² per row, for weight_norm; the same for every adapter, moved with the layer, never saved
+        self.register_buffer("w0_sq_norm", W0.pow(2).sum(dim=1).to(device, dtype), persistent=False)
+        # m = ‖W0‖_c, computed as weight_norm computes n at B = 0, so that m/n = 1 exactly at the start
+        self.lora_magnitude_vector[name] = nn.Parameter(self.w0_sq_norm.sqrt())
         self.detach_norm[name] = config.detach_norm
 
     def weight_norm(self, name: str, W0: torch.Tensor) -> torch.Tensor:
-        """n = ‖W0 + sBA‖_c, one per output (d_out,); detached unless detach_norm=False."""
+        """n = ‖W0 + sBA‖_c, one per output (d_out,); detached unless detach_norm=False.
+
+        Expanded so that no (d_out, d_in) matrix is formed (one pass over W0 instead of three):
+            n² = ‖W0‖² + 2s·rowsum((W0 Aᵀ) ⊙ B) + s²·rowsum((B A Aᵀ) ⊙ B),   ‖W0‖² cached per row."""
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]  # (r, d_in), (d_out, r)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm[name]):
-            return (W0 + self.delta_weight(name).to(W0.dtype)).norm(dim=1)
+            cross = ((W0 @ A.T) * B).sum(dim=1)  # Σ_j W0_ij (BA)_ij, (d_out,)
+            square = ((B @ (A @ A.T)) * B).sum(dim=1)  # Σ_j (BA)_ij², (d_out,)
+            return (self.w0_sq_norm + 2 * s * cross + s * s * square).clamp_min(0).sqrt()
 
     def adapted(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + (m/n − 1) ⊙ W0 x' + (m/n) ⊙ s·B A x' with x' = dropout(x); without dropout this is
