@@ -14,7 +14,9 @@ no gradient flows through the norm, which saves the memory of its backward graph
     y = W'x + b = (m/n) ⊙ (W0 x + s·B A x) + b
 
 so the base output W0 x is reused and only the LoRA branch and a per-output scale are added. With dropout
-on the branch input (training), W0 is applied once more to the dropped input, as peft does.
+on the branch input (training), W0 is applied once more to the dropped input, as peft does. The norm itself
+is computed without forming W0 + sBA (see `weight_norm`): at the bench size (hidden 512, 8 layers, 2 CPU
+threads) a DoRA step takes 1.03× a LoRA step; peft's, which forms the matrix, 1.27–1.36×.
 
 Code names: W0 = the base weight (`minipeft.weights.base_weight`: nn.Linear, GPT-2 Conv1D or a 4-bit base),
 A, B, s = `lora_A[name].weight`, `lora_B[name].weight`, `scaling[name]` as in LoRA, m =
