@@ -9,10 +9,14 @@ editing a chapter:
 
 Execution uses the current Python's "python3" kernel with notebooks/ as working directory
 (as nbval does). In the .ipynb, the title cell gains an "Open in Colab" badge (the book adds its
-own badge at build time); code cells are copied verbatim, so the pair test can compare them.
+own badge at build time) and the markdown shows the glued numbers of this run where the book has
+{glue:text}`name` roles (no myst_nb in Colab to render them); code cells are copied verbatim, so the
+pair test can compare them.
 """
 
 import argparse
+import ast
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,6 +69,50 @@ def convert(md: Path) -> nbformat.NotebookNode:
     return nb
 
 
+GLUE = "application/papermill.record/"
+ROLE = re.compile(r"\{glue(?::(text|md|any))?\}`([^`:]+)(?::([^`]*))?`")
+
+
+def glued_values(nb) -> dict[str, dict]:
+    """{name: {mime: value}} of every myst_nb glue() in the executed notebook."""
+    values = {}
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            name = out.get("metadata", {}).get("scrapbook", {}).get("name")
+            if name:
+                values[name] = {k[len(GLUE):]: v for k, v in out.get("data", {}).items() if k.startswith(GLUE)}
+    return values
+
+
+def fill_glue(nb) -> int:
+    """Write the glued numbers into the markdown cells, in place of {glue:text}`name:fmt` (Colab and plain
+    Jupyter have no myst_nb to render the roles: the prose must read with its numbers). Returns how many
+    roles were filled; a role whose value was never glued is an error."""
+    values, filled = glued_values(nb), 0
+
+    def value(match):
+        nonlocal filled
+        kind, name, fmt = match.groups()
+        if name not in values:
+            raise SystemExit(f"glue role for {name!r} has no glued value in the executed notebook")
+        data = values[name]
+        if kind == "md" and "text/markdown" in data:
+            filled += 1
+            return data["text/markdown"]
+        text = data.get("text/plain", "")
+        try:
+            obj = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            obj = text
+        filled += 1
+        return format(obj, fmt) if fmt else str(obj)
+
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            cell.source = ROLE.sub(value, cell.source)
+    return filled
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("chapters", nargs="*", type=Path, help="book/<name>.md files (default: all)")
@@ -82,6 +130,7 @@ def main(argv=None) -> int:
                            resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
             for cell in nb.cells:  # nbclient's timing metadata would churn every re-run
                 cell.metadata.pop("execution", None)
+            fill_glue(nb)
         out = NOTEBOOKS / f"{md.stem}.ipynb"
         nbformat.write(nb, out)
         print(f"{md.relative_to(ROOT)} -> {out.relative_to(ROOT)} ({time.time() - t0:.1f} s)")
