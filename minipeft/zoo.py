@@ -32,8 +32,9 @@ tiny-bert random head       sentiment                                     47.2% 
 tiny-bert full FT           300 steps x 32, lr 3e-4                       98.8%
 =========================  ============================================  =====================
 
-(Pretraining: one torch thread each, the two builds side by side; the same build gives the same
-weights.) tiny-bert is weak: its masked-LM loss stays near 3.9 and a fill-mask probe shows
+(Pretraining times: one torch thread each, the two builds side by side. Builds now always use
+``BUILD_THREADS`` = 2 torch threads, so the same recipe gives the same weights on any machine of the
+same CPU family; a cached build from before that is rebuilt once.) tiny-bert is weak: its masked-LM loss stays near 3.9 and a fill-mask probe shows
 mostly context-free guesses ("the", "=", "+"), so bias-only tuning (BitFit) stays near chance
 while adapters and full fine-tuning learn the task. Variants tried, none better (MLM loss 3.94 to
 4.16, BitFit 47 to 54%): mask rate 0.3, lr 5e-4 or 2e-3, dropout 0, fewer arithmetic facts, extra
@@ -52,23 +53,30 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from .data.corpus import CORPUS_VERSION, generate_corpus
 
-ZOO_VERSION = 1  # bump when the build code changes what a recipe produces
+ZOO_VERSION = 2  # bump when the build code changes what a recipe produces (2: 2 threads, own WordPiece)
+# Float sums depend on how a matmul splits its work between threads: the same recipe built with 1 and with 2
+# threads gives different weights (seen: loss 1.0885 vs 1.0862, zero-shot arithmetic 3.3% vs 0.3%). The
+# build therefore always runs with this many threads, whatever the machine or OMP_NUM_THREADS say, so that
+# every reader (laptop, CI, Colab) gets the same weights from the same recipe. Different CPU instruction
+# sets (AVX2 vs AVX-512) can still round differently: then numbers agree within noise, not bit for bit.
+BUILD_THREADS = 2
 
 RECIPES = {
     "tiny-llama": dict(
         arch="llama", vocab_size=768, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=352,
         max_positions=256, n_docs=8000, block=64, batch_size=32, steps=1000, lr=3e-3, seed=0,
-        expected_seconds=90),
+        expected_seconds=75),
     "tiny-bert": dict(
         arch="bert", vocab_size=768, hidden=128, layers=4, heads=4, intermediate=512,
         max_positions=256, n_docs=8000, block=64, batch_size=32, steps=900, lr=1e-3, seed=0,
-        mask_prob=0.15, expected_seconds=90),
+        mask_prob=0.15, expected_seconds=170),
 }
 
 
@@ -111,6 +119,9 @@ def path(name: str, **overrides) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait here, then find it built
         try:
             if not (final / "config.json").exists():
+                for stale in root.glob(f".{final.name}.*"):  # left by a build that was killed
+                    if stale.is_dir():
+                        shutil.rmtree(stale, ignore_errors=True)
                 tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
                 try:
                     build(name, tmp, **overrides)
@@ -145,15 +156,54 @@ def _llama_tokenizer(docs, vocab_size):
 
 
 def _bert_tokenizer(docs, vocab_size, workdir):
-    """WordPiece trained like BERT's (lowercased), loaded as a real ``BertTokenizerFast``."""
-    from tokenizers import BertWordPieceTokenizer
+    """WordPiece like BERT's (lowercased), loaded as a real ``BertTokenizerFast``.
+
+    The vocabulary is learned here, not by the ``tokenizers`` library's WordPiece trainer: that trainer
+    breaks ties between equally frequent merges in a different order on every run (three runs on the same
+    corpus gave three different vocabularies), so tiny-bert's token ids, and with them its weights and
+    every number of the BERT chapters, changed from one build to the next."""
+    from tokenizers import normalizers, pre_tokenizers
     from transformers import BertTokenizerFast
 
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(docs, vocab_size=vocab_size, show_progress=False,
-                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    wp.save_model(str(workdir))  # vocab.txt; from_pretrained reads it in transformers 4 and 5
+    norm, pretok = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for d in docs for w, _ in pretok.pre_tokenize_str(norm.normalize_str(d)))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + wordpiece_vocab(words, vocab_size - 5)
+    (Path(workdir) / "vocab.txt").write_text("\n".join(vocab) + "\n")
     return BertTokenizerFast.from_pretrained(str(workdir), do_lower_case=True)
+
+
+def wordpiece_vocab(words: Counter, size: int) -> list[str]:
+    """Greedy merges as WordPiece's trainer makes them, with ties broken by the pair's spelling.
+
+    Each word starts as its characters, the non-initial ones marked "##" ("cat" → c ##a ##t); the most
+    frequent adjacent pair is merged (c ##a → ca) until the vocabulary has `size` entries or nothing is
+    left to merge."""
+    split = {w: [w[0]] + ["##" + c for c in w[1:]] for w in words}
+    vocab = sorted({piece for pieces in split.values() for piece in pieces})
+    known = set(vocab)
+    while len(vocab) < size:
+        pairs = Counter()
+        for w, pieces in split.items():
+            for a, b in zip(pieces, pieces[1:]):
+                pairs[a, b] += words[w]
+        if not pairs:
+            break
+        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        merged = a + b[2:]
+        for w, pieces in split.items():
+            i, out = 0, []
+            while i < len(pieces):
+                if i + 1 < len(pieces) and pieces[i] == a and pieces[i + 1] == b:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(pieces[i])
+                    i += 1
+            split[w] = out
+        if merged not in known:
+            known.add(merged)
+            vocab.append(merged)
+    return vocab
 
 
 # ---- pretraining data -------------------------------------------------------------------------
@@ -190,14 +240,23 @@ class _MLMCollate:
 
 def build(name: str, out_dir, **overrides) -> dict:
     """Pretrain one zoo model into ``out_dir``; returns a summary (also saved as zoo_build.json)."""
+    rec = recipe(name, **overrides)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"pretraining {name} (first use; took {rec['expected_seconds']} s on a quiet 2-core CPU)...", flush=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)  # the same weights on every machine (see BUILD_THREADS)
+    try:
+        return _build(name, rec, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(name: str, rec: dict, out_dir: Path) -> dict:
     from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
     from .train import Trainer, set_seed
 
-    rec = recipe(name, **overrides)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"pretraining {name} (first use, ~{rec['expected_seconds']} s on 2 CPU cores)...", flush=True)
     t0 = time.perf_counter()
     set_seed(rec["seed"])
     docs = generate_corpus(rec["n_docs"], seed=rec["seed"], fact_share=rec.get("fact_share", OPTIONAL["fact_share"]),

@@ -109,3 +109,12 @@ def test_chapter_header_and_colab_cell(name):
         "the first code cell must be the Colab install cell of book/_template.md, "
         "with the URL from _config.yml repository.url")
     assert COLAB_TAGS <= set(first.metadata.get("tags", [])), f"tag it {sorted(COLAB_TAGS)}"
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_notebook_prose_shows_its_numbers(name):
+    """Colab and plain Jupyter have no myst_nb to render {glue:text}`x` roles: sync_notebooks.py writes the
+    glued values of the stored run into the notebook's markdown, so no role may be left."""
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    left = [c.source[:80] for c in nb.cells if c.cell_type == "markdown" and "{glue" in c.source]
+    assert not left, f"unfilled glue roles (run scripts/sync_notebooks.py book/{name}.md): {left[:3]}"

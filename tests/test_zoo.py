@@ -103,3 +103,29 @@ def test_parallel_builds_do_not_collide(cache):
     entries = [q for q in cache.iterdir() if not q.name.startswith(".")]
     assert len(entries) == 1  # no half-built temporaries left behind
     assert not [q for q in cache.iterdir() if q.is_dir() and q.name.startswith(".")]
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_build_gives_the_same_weights_whatever_the_thread_count(name, tmp_path):
+    """Float sums depend on how work is split between threads; the build pins its own thread count, so a
+    laptop, CI and Colab get the same weights (the full-size model, a few steps: enough to differ)."""
+    from safetensors.torch import load_file
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            zoo.build(name, tmp_path / str(threads), n_docs=300, steps=5)
+            assert torch.get_num_threads() == threads  # restored after the build
+            weights.append(load_file(str(tmp_path / str(threads) / "model.safetensors")))
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_killed_build_leaves_no_temporary_folder_behind(cache):
+    stale = cache / f".{zoo._key('tiny-llama', zoo.recipe('tiny-llama', **SMALL['tiny-llama']))}.abc123"
+    stale.mkdir()
+    zoo.path("tiny-llama", **SMALL["tiny-llama"])
+    assert not stale.exists()
