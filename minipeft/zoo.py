@@ -20,8 +20,8 @@ linear schedule, 6% warmup; full tables: ``python -m minipeft.bench --only metho
 =========================  ============================================  =====================
 model / run                 recipe                                        result
 =========================  ============================================  =====================
-tiny-llama pretraining      1000 steps x 32 x 64 tokens, lr 3e-3          loss 1.088, 184 s
-tiny-bert pretraining       900 steps MLM, lr 1e-3                        loss 3.93, 210 s
+tiny-llama pretraining      1000 steps x 32 x 64 tokens, lr 3e-3          loss 1.086, 75 s (2 threads)
+tiny-bert pretraining       900 steps MLM, lr 1e-3                        loss 3.95, 98 s (2 threads)
 tiny-llama zero-shot        arithmetic, greedy                            3.3% exact match
 tiny-llama full FT          1200 steps x 16, lr 1e-3                      99.7%
 tiny-llama full FT          300 / 600 steps x 16, lr 1e-3                 77.3% / 92.3%
@@ -32,9 +32,11 @@ tiny-bert random head       sentiment                                     47.2% 
 tiny-bert full FT           300 steps x 32, lr 3e-4                       98.8%
 =========================  ============================================  =====================
 
-(Pretraining times: one torch thread each, the two builds side by side. Builds now always use
-``BUILD_THREADS`` = 2 torch threads, so the same recipe gives the same weights on any machine of the
-same CPU family; a cached build from before that is rebuilt once.) tiny-bert is weak: its masked-LM loss stays near 3.9 and a fill-mask probe shows
+(Builds always use ``BUILD_THREADS`` = 2 torch threads, so the same recipe gives the same weights on
+any machine of the same CPU family: tiny-llama built with OMP_NUM_THREADS 1 and 2 has the same weights,
+bit for bit, as the build the chapters were executed with. tiny-bert's vocabulary is learned by
+``wordpiece_vocab``; before ZOO_VERSION 2 it came from a trainer that gave a different vocabulary on each
+build, so the tiny-bert rows of this table are from such a build: rerun the bench to refresh them.) tiny-bert is weak: its masked-LM loss stays near 3.9 and a fill-mask probe shows
 mostly context-free guesses ("the", "=", "+"), so bias-only tuning (BitFit) stays near chance
 while adapters and full fine-tuning learn the task. Variants tried, none better (MLM loss 3.94 to
 4.16, BitFit 47 to 54%): mask rate 0.3, lr 5e-4 or 2e-3, dropout 0, fewer arithmetic facts, extra
