@@ -164,7 +164,8 @@ class LoRAEmbedding(LoRALinear):
     """LoRA on an nn.Embedding (weight W0: (V, d)): ΔW = s·(B A)ᵀ with A (r, V), B (d, r), as peft.
 
     A row lookup replaces the matmul with A, so the branch is s · B A[:, ids]: (..., d). No dropout (ids are
-    not features)."""
+    not features). Init as LoRALinear (A random, B = 0); peft does the opposite for embeddings (A = 0, B
+    Gaussian). Either way the update starts at zero; the checks against peft copy both tensors."""
 
     def lora_branch(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight  # (r, V), (d, r)
