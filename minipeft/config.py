@@ -67,7 +67,7 @@ class PeftConfig:
     The order in which `PeftModel.add_adapter(name, config)` calls the hooks:
       1. prepare_model(base)               change the frozen base first (QLoRA quantizes it)
       2. make_shared(base)                 one model-level module of tensors shared by all layers (or None)
-      3. layer methods, for each target:   make_layer(module, path) → layer.add_adapter(name, config, ...)
+      3. layer methods, for each target:   layer_class_for(module)(module, path) → layer.add_adapter(name, config)
          input methods:                    make_input_adapter(base)
       4. modules_to_save get their trainable copies; the adapter becomes active.
     While training, `PeftModel.extra_loss()` returns `extra_loss(model, name)` of the active adapter (the
@@ -129,9 +129,9 @@ class PeftConfig:
         per model at `PeftModel.shared[name]` and saved with the adapter; None (default): nothing shared."""
         return None
 
-    def make_layer(self, module, path: str):
-        """Layer methods: a new layer wrapping `module` (found at dotted `path`)."""
-        return self.layer_class(module, path)
+    def layer_class_for(self, module) -> type:
+        """Layer methods: the layer class for this base module (LoRA: another one for embeddings)."""
+        return self.layer_class
 
     def make_input_adapter(self, model):
         """Input methods: return the nn.Module that transforms the model's inputs."""

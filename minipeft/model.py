@@ -101,11 +101,11 @@ class PeftModel(torch.nn.Module):
     def _layer_for(self, path: str, config: PeftConfig) -> AdapterLayer:
         module = self.base_model.get_submodule(path)
         if isinstance(module, AdapterLayer):
-            if type(module) is not type(config.make_layer(module.base_layer, path)):
+            if type(module) is not config.layer_class_for(module.base_layer):
                 raise ValueError(f"{path} already carries a {type(module).__name__}; one method per module "
                                  f"(cannot add {config.method})")
             return module
-        return self.replace_module(path, config.make_layer(module, path))
+        return self.replace_module(path, config.layer_class_for(module)(module, path))
 
     def replace_module(self, path: str, new: torch.nn.Module) -> torch.nn.Module:
         """Put `new` at dotted `path` in the base model; returns it."""

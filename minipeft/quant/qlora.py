@@ -124,8 +124,10 @@ def merge_error(model, inputs, adapter_name: str | None = None) -> dict:
 
     inputs: a tensor of input ids or a dict of model inputs. Returns
       logit_max_abs, logit_mean_abs: |logits(merged) − logits(unmerged)|;
-      weight_rel_error: ‖Q(W) − W‖_F / ‖W‖_F over all merged layers, W = dequant(W0) + sBA (the intended weight);
-      update_rel_error: the same error relative to ‖sBA‖_F — above 1, the merge loses more than the update adds.
+      weight_rel_error: ‖Q(W) − W‖_F / ‖W‖_F over all merged layers, W = dequant(W0) + sBA (the intended weight;
+        a LoRA variant's own merged weight, e.g. DoRA's);
+      update_rel_error: the same error relative to ‖W − dequant(W0)‖_F (‖sBA‖_F for LoRA) — above 1, the merge
+        loses more than the update adds.
     """
     name = adapter_name or model.active_adapter
     layers = [lay for _, lay in model.adapter_layers()
@@ -134,8 +136,8 @@ def merge_error(model, inputs, adapter_name: str | None = None) -> dict:
         raise ValueError("merge_error needs a model with QLoRA layers on a 4-bit base (mp.QLoRAConfig)")
     model.set_adapter(name)
     before = _logits(model, inputs)
-    intended = [dequantize_4bit(lay.base_layer.quant_state, torch.float32) + lay.delta_weight(name).float()
-                for lay in layers]
+    W0 = [dequantize_4bit(lay.base_layer.quant_state, torch.float32) for lay in layers]
+    intended = [lay.merged_weight(name, w) for lay, w in zip(layers, W0)]  # W0 + sBA; a variant's own (DoRA)
     model.merge(name)
     try:
         after = _logits(model, inputs)
@@ -144,7 +146,7 @@ def merge_error(model, inputs, adapter_name: str | None = None) -> dict:
         model.unmerge()
     err2 = sum((m - w).pow(2).sum() for m, w in zip(merged, intended))
     w2 = sum(w.pow(2).sum() for w in intended)
-    d2 = sum(lay.delta_weight(name).float().pow(2).sum() for lay in layers)
+    d2 = sum((w - w0).pow(2).sum() for w, w0 in zip(intended, W0))  # the update the merge should add
     diff = (after - before).abs()
     return {"logit_max_abs": diff.max().item(), "logit_mean_abs": diff.mean().item(),
             "weight_rel_error": (err2 / w2).sqrt().item(),

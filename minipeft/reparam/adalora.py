@@ -120,9 +120,6 @@ class AdaLoRAConfig(LoRAConfig):
     def layer_class(self):
         return AdaLoRALinear
 
-    def make_layer(self, module, path=""):
-        return AdaLoRALinear(module, path)
-
     def extra_loss(self, model, adapter_name: str):
         """γ · R: the mean of ‖QQᵀ − I‖_F and ‖PᵀP − I‖_F over every adapted matrix (None when γ = 0)."""
         if self.orth_reg_weight == 0:

@@ -61,9 +61,6 @@ class DoRAConfig(LoRAConfig):
     def layer_class(self):
         return DoRALinear
 
-    def make_layer(self, module, path=""):
-        return DoRALinear(module, path)
-
 
 class DoRALinear(LoRALinear):
     adapter_dicts = LoRALinear.adapter_dicts + ("lora_magnitude_vector",)

@@ -90,8 +90,8 @@ class LoRAConfig(PeftConfig):
     def default_target(self, model):
         return targeting.default_target(model, "attention_qv", self.method)
 
-    def make_layer(self, module, path=""):
-        return (LoRAEmbedding if isinstance(module, nn.Embedding) else self.layer_class)(module, path)
+    def layer_class_for(self, module):
+        return LoRAEmbedding if isinstance(module, nn.Embedding) else self.layer_class
 
     @property
     def layer_class(self):
