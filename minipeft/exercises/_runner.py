@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import traceback
 
+import torch
+from torch import nn
+
 
 class Report(list):
     """The list of (check name, passed) pairs, printed as a short table; truthy when all passed."""
@@ -31,3 +34,18 @@ def run_checks(title: str, checks) -> Report:
         report.append((name, ok))
     print(report)
     return report
+
+
+def find_param(module, names, shape) -> torch.Tensor:
+    """A learner's tensor: the attribute named in `names` (a Parameter, a tensor or an nn.Linear's weight),
+    else the only trainable parameter of that shape."""
+    for n in names:
+        t = getattr(module, n, None)
+        if isinstance(t, nn.Linear):
+            t = t.weight
+        if isinstance(t, torch.Tensor):
+            return t
+    found = [p for p in module.parameters() if p.requires_grad and tuple(p.shape) == shape]
+    if len(found) == 1:
+        return found[0]
+    raise AssertionError(f"no unique trainable parameter of shape {shape} found (name it {names[0]})")

@@ -14,22 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._runner import run_checks
-
-
-def _param(module, names, shape):
-    """The learner's tensor: an attribute named in `names` (Parameter, tensor or nn.Linear), else the
-    only trainable parameter of that shape."""
-    for n in names:
-        t = getattr(module, n, None)
-        if isinstance(t, nn.Linear):
-            t = t.weight
-        if isinstance(t, torch.Tensor):
-            return t
-    found = [p for p in module.parameters() if p.requires_grad and tuple(p.shape) == shape]
-    if len(found) == 1:
-        return found[0]
-    raise AssertionError(f"no unique trainable parameter of shape {shape} found (name it {names[0]})")
+from ._runner import find_param, run_checks
 
 
 def check_weight_norm(fn, d_out: int = 7, d_in: int = 5):
@@ -74,9 +59,9 @@ def check_dora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: f
     W0, b = base.weight.detach().clone(), base.bias.detach().clone()
     x = torch.randn(6, d_in)
     layer = cls(base, r, alpha)
-    A = lambda: _param(layer, ["A", "lora_A"], (r, d_in))  # noqa: E731
-    B = lambda: _param(layer, ["B", "lora_B"], (d_out, r))  # noqa: E731
-    m = lambda: _param(layer, ["m", "lora_magnitude_vector", "magnitude"], (d_out,))  # noqa: E731
+    A = lambda: find_param(layer, ["A", "lora_A"], (r, d_in))  # noqa: E731
+    B = lambda: find_param(layer, ["B", "lora_B"], (d_out, r))  # noqa: E731
+    m = lambda: find_param(layer, ["m", "lora_magnitude_vector", "magnitude"], (d_out,))  # noqa: E731
     s = alpha / r
 
     def identity():

@@ -10,20 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._runner import run_checks
-
-
-def _find(module, names, shape):
-    for n in names:
-        t = getattr(module, n, None)
-        if isinstance(t, nn.Linear):
-            t = t.weight
-        if isinstance(t, torch.Tensor):
-            return t
-    for _, p in module.named_parameters():
-        if p.requires_grad and tuple(p.shape) == shape:
-            return p
-    raise AssertionError(f"no parameter of shape {shape} found (name it {names[0]})")
+from ._runner import find_param, run_checks
 
 
 def check_lora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: float = 6.0):
@@ -34,8 +21,8 @@ def check_lora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: f
     W0 = base.weight.detach().clone()
     x = torch.randn(5, d_in)
     layer = cls(base, r, alpha)
-    A = lambda: _find(layer, ["A", "lora_A"], (r, d_in))  # noqa: E731
-    B = lambda: _find(layer, ["B", "lora_B"], (d_out, r))  # noqa: E731
+    A = lambda: find_param(layer, ["A", "lora_A"], (r, d_in))  # noqa: E731
+    B = lambda: find_param(layer, ["B", "lora_B"], (d_out, r))  # noqa: E731
     s = alpha / r
 
     def identity():
