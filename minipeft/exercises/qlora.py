@@ -47,7 +47,7 @@ def check_nf4_codes(fn):
         ("scaled to [-1, 1]", "divide every value by the largest absolute value", scaled),
         ("equal to the published table",
          "δ = ½·((1 − 1/30) + (1 − 1/32)); Φ⁻¹ = torch.distributions.Normal(0, 1).icdf in float64", table),
-    ])
+    ], learner=(fn,))
 
 
 def check_blockwise_absmax(quantize_fn, dequantize_fn, blocksize: int = 64):
@@ -103,7 +103,7 @@ def check_blockwise_absmax(quantize_fn, dequantize_fn, blocksize: int = 64):
         ("round trip within the bound, zero block safe",
          "w_hat = code[idx] · absmax of the block; divide by 1 where absmax is 0", roundtrip),
         ("an outlier only hurts its own block", "scale each block by its own absmax, not the tensor's", isolated),
-    ])
+    ], learner=(quantize_fn, dequantize_fn))
 
 
 def check_pack_4bit(pack, unpack):
@@ -133,7 +133,7 @@ def check_pack_4bit(pack, unpack):
         ("two codes per uint8 byte", "pairs = idx.view(-1, 2).to(torch.uint8)", packed_shape),
         ("high nibble first", "byte = (pairs[:, 0] << 4) | pairs[:, 1]", order),
         ("unpack inverts pack", "hi = b >> 4, lo = b & 15; interleave: torch.stack([hi, lo], -1).view(-1)", inverse),
-    ])
+    ], learner=(pack, unpack))
 
 
 __all__ = ["check_nf4_codes", "check_blockwise_absmax", "check_pack_4bit", "PUBLISHED_NF4"]
