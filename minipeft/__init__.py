@@ -14,11 +14,11 @@ from .reparam import AdaLoRAConfig, DoRAConfig, LoRAConfig, LoRALinear, loraplus
 from .additive import AdapterConfig, PromptTuningConfig  # noqa: E402
 from .selective import BitFitConfig, SparseConfig  # noqa: E402
 from .quant import QLoRAConfig  # noqa: E402
-from . import data, figures, zoo  # noqa: E402
+from . import data, figures, runs, zoo  # noqa: E402
 from .train import Trainer  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
+from .evaluate import evaluate, interval  # noqa: E402
 
 __all__ = ["wrap", "load_adapter", "PeftModel", "PeftConfig", "AdapterLayer", "ModulesToSave", "register",
            "REGISTRY", "LoRAConfig", "LoRALinear", "loraplus_param_groups", "DoRAConfig", "AdaLoRAConfig",
            "AdapterConfig", "PromptTuningConfig", "BitFitConfig", "SparseConfig", "QLoRAConfig",
-           "data", "figures", "zoo", "Trainer", "evaluate"]
+           "data", "figures", "runs", "zoo", "Trainer", "evaluate", "interval"]

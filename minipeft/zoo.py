@@ -2,48 +2,26 @@
 
 * ``tiny-llama`` — transformers' ``LlamaForCausalLM`` (no biases, RMSNorm, RoPE, grouped KV heads),
   pretrained with next-token prediction.
-* ``tiny-bert``  — transformers' BERT (biases, LayerNorms), pretrained with masked-LM; load it with
-  ``num_labels=`` for sequence classification with a fresh head.
+* ``tiny-bert``  — transformers' BERT (biases, LayerNorms), pretrained with masked LM plus a next-clause
+  objective that trains its pooler (see ``_BertPretraining``); load it with ``num_labels=`` for sequence
+  classification with a fresh head on top of the trained pooler.
 
-Both learn the template corpus of :mod:`minipeft.data.corpus` with a tokenizer trained on it by the
-``tokenizers`` library, using the shared :class:`minipeft.train.Trainer`. The result is saved with
-``save_pretrained`` so ``AutoModel*.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)``
-load it exactly like a hub model. The cache lives in ``$MINIPEFT_CACHE`` (default
-``~/.cache/minipeft``); each directory name carries a hash of its recipe, and builds happen under a
-file lock with an atomic rename, so parallel processes never see a half-written model.
+Both learn the template corpus of :mod:`minipeft.data.corpus` with a tokenizer trained on it, using the
+shared :class:`minipeft.train.Trainer`. The result is saved with ``save_pretrained`` so
+``AutoModel*.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load it exactly like a hub
+model. The cache lives in ``$MINIPEFT_CACHE`` (default ``~/.cache/minipeft``); each directory name carries a
+hash of its recipe, and builds happen under a file lock with an atomic rename (``build_once``), so parallel
+processes never see a half-written model. Any other name is a Hugging Face hub id passed to the Auto classes.
 
-Any other name is a Hugging Face hub id passed through to the Auto classes.
-
-Measured on a quiet 2-core machine (test split; fine-tuning with :class:`~minipeft.train.Trainer`,
-linear schedule, 6% warmup; full tables: ``python -m minipeft.bench --only methods``):
-
-=========================  ============================================  =====================
-model / run                 recipe                                        result
-=========================  ============================================  =====================
-tiny-llama pretraining      1000 steps x 32 x 64 tokens, lr 3e-3          loss 1.086, 75 s (2 threads)
-tiny-bert pretraining       900 steps MLM, lr 1e-3                        loss 3.95, 98 s (2 threads)
-tiny-llama zero-shot        arithmetic, greedy                            3.3% exact match
-tiny-llama full FT          1200 steps x 16, lr 1e-3                      99.7%
-tiny-llama full FT          300 / 600 steps x 16, lr 1e-3                 77.3% / 92.3%
-tiny-llama LoRA r=8 all     1200 steps x 16, lr 3e-3, alpha 32 / 16       99.7% / 90.0%
-tiny-llama zero-shot        e2e, greedy                                   BLEU 0.3
-tiny-llama full FT / LoRA   e2e, 600 steps x 16 (lr 1e-3 / 3e-3)          BLEU 99.0 / 93.6
-tiny-bert random head       sentiment                                     47.2% accuracy
-tiny-bert full FT           300 steps x 32, lr 3e-4                       98.8%
-=========================  ============================================  =====================
-
-(Builds always use ``BUILD_THREADS`` = 2 torch threads, so the same recipe gives the same weights on
-any machine of the same CPU family: tiny-llama built with OMP_NUM_THREADS 1 and 2 has the same weights,
-bit for bit, as the build the chapters were executed with. tiny-bert's vocabulary is learned by
-``wordpiece_vocab``; before ZOO_VERSION 2 it came from a trainer that gave a different vocabulary on each
-build, so the tiny-bert rows of this table are from such a build: rerun the bench to refresh them.) tiny-bert is weak: its masked-LM loss stays near 3.9 and a fill-mask probe shows
-mostly context-free guesses ("the", "=", "+"), so bias-only tuning (BitFit) stays near chance
-while adapters and full fine-tuning learn the task. Variants tried, none better (MLM loss 3.94 to
-4.16, BitFit 47 to 54%): mask rate 0.3, lr 5e-4 or 2e-3, dropout 0, fewer arithmetic facts, extra
-negated-opinion sentences. Sinusoidal initial position embeddings (scaled to the token embeddings)
-leave the plateau sooner (MLM loss 3.22) but do not help either (BitFit 57.5%, full FT 83.5% on
-validation). Earlier tiny-llama variants that did worse on arithmetic (full FT, 300
-steps): ``fact_share=0.65, steps=1200`` 58.0%; ``fact_share=0.5, copy_share=0.3`` 44.7%.
+Why tiny-bert has a sentence objective. Masked LM never trains BERT's pooler (the dense + tanh layer over
+[CLS] that the classification head reads); BERT's own recipe trains it with next-sentence prediction. Before
+its recipe gained tune_steps) tiny-bert had MLM only: its pooler stayed random, a linear probe on frozen features scored
+about 60% on sentiment and BitFit stayed at chance. Two sentence objectives were tried: next-sentence
+prediction with polarity-flipped continuations as negatives never left chance (telling a fitting from a
+clashing continuation is a parity of three polarities), while predicting the next clause's content words
+from the pooled clause (a small relative of Skip-Thought) learns polarity once the learning rate is small,
+hence the second, gentler phase of the recipe. What the fine-tuning runs score on it is measured by
+:mod:`minipeft.runs` and printed in the chapters, not written here.
 """
 from __future__ import annotations
 
@@ -52,15 +30,17 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
+import types
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from .data.corpus import CORPUS_VERSION, generate_corpus
+from .data.corpus import CORPUS_VERSION, NAMES, generate_corpus, opinion_pair
 
 ZOO_VERSION = 2  # bump when the build code changes what a recipe produces (2: 2 threads, own WordPiece)
 # Float sums depend on how a matmul splits its work between threads: the same recipe built with 1 and with 2
@@ -77,8 +57,8 @@ RECIPES = {
         expected_seconds=75),
     "tiny-bert": dict(
         arch="bert", vocab_size=768, hidden=128, layers=4, heads=4, intermediate=512,
-        max_positions=256, n_docs=8000, block=64, batch_size=32, steps=900, lr=1e-3, seed=0,
-        mask_prob=0.15, expected_seconds=170),
+        max_positions=256, n_docs=8000, block=64, batch_size=32, steps=1000, lr=1e-3, seed=0,
+        mask_prob=0.15, tune_steps=500, tune_lr=3e-4, expected_seconds=170),
 }
 
 
@@ -104,7 +84,8 @@ def recipe(name: str, **overrides) -> dict:
     return {**RECIPES[name], **overrides}
 
 
-def _key(name: str, rec: dict) -> str:
+def key(name: str, rec: dict) -> str:
+    """The cache directory name of zoo model `name` built from recipe `rec` (name + hash of recipe and code)."""
     blob = json.dumps({"recipe": rec, "corpus": CORPUS_VERSION, "zoo": ZOO_VERSION}, sort_keys=True)
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -112,22 +93,33 @@ def _key(name: str, rec: dict) -> str:
 def path(name: str, **overrides) -> Path:
     """Directory of a zoo model, pretraining it first if it is not cached."""
     rec = recipe(name, **overrides)
-    root = cache_dir()
-    final = root / _key(name, rec)
-    if (final / "config.json").exists():
+    return build_once(cache_dir() / key(name, rec), lambda tmp: build(name, tmp, **overrides))
+
+
+def build_once(final: Path, build_into) -> Path:
+    """``final`` if it holds a finished build, else ``build_into(tmp)`` and rename ``tmp`` to ``final``.
+
+    One process builds under a file lock while the others wait, then find it built; the rename is atomic,
+    so no reader ever sees a half-written directory. A build's marker file is ``done.json`` or
+    ``config.json`` (the zoo's models)."""
+    def finished():
+        return (final / "config.json").exists() or (final / "done.json").exists()
+
+    if finished():
         return final
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait here, then find it built
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not (final / "config.json").exists():
+            if not finished():
                 for stale in root.glob(f".{final.name}.*"):  # left by a build that was killed
                     if stale.is_dir():
                         shutil.rmtree(stale, ignore_errors=True)
                 tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
                 try:
-                    build(name, tmp, **overrides)
-                    os.replace(tmp, final)  # atomic: readers see all of it or none of it
+                    build_into(tmp)
+                    os.replace(tmp, final)
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
@@ -220,6 +212,29 @@ def _causal_collate(examples):
     return {"input_ids": x, "labels": x}  # HF shifts labels inside the model
 
 
+_FUNCTION_WORDS = [".", ",", ":", "so", "was", "is", "the", "a", "an", "he", "she", "it", "to", "for", "all", "and", "of", "in", "at"]
+
+
+def _next_clause_pairs(tok, docs, opinions, rng) -> list[dict]:
+    """(clause, words of the next clause) token ids: consecutive sentences of the corpus, and opinion pairs.
+
+    The targets are the next clause's content words: names, pronouns, articles and punctuation are dropped
+    (they say nothing about what happened next, and would drown the words that do)."""
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    stop = set(tok.convert_tokens_to_ids([w.lower() for w in NAMES] + _FUNCTION_WORDS))
+
+    pairs = [(a, b) for a, b in opinions]
+    for d in docs:
+        parts = [p.strip() + " ." for p in d.split(" . ") if p.strip(" .")]
+        pairs += list(zip(parts, parts[1:]))
+    rng.shuffle(pairs)
+    out = [{"clause": [tok.cls_token_id] + enc(a)[:30] + [tok.sep_token_id],
+            "next": [t for t in enc(b) if t not in stop]} for a, b in pairs]
+    return [p for p in out if p["next"]]
+
+
 class _MLMCollate:
     """BERT's masking: 15% of tokens are targets; of those 80% [MASK], 10% random, 10% kept."""
 
@@ -240,6 +255,40 @@ class _MLMCollate:
         return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
 
 
+class _BertPretraining(torch.nn.Module):
+    """Masked LM on corpus blocks plus a next-clause objective that trains the pooler.
+
+    The next-clause objective reads one clause alone (``[CLS] clause [SEP]``, the shape a sentence
+    classifier sees) and predicts the words of the clause that followed it from the pooled [CLS] vector,
+    through the masked-LM output layer: cross-entropy against the next clause's bag of words. It is a small
+    relative of Skip-Thought (Kiros et al., 2015); here it is what teaches the pooler, which masked LM never
+    touches, and what gives polarity a reason to be in it (an opinion predicts its consequence)."""
+
+    def __init__(self, model, blocks, pairs, mlm_collate):
+        super().__init__()
+        self.model, self.blocks, self.pairs, self.mlm = model, blocks, pairs, mlm_collate
+
+    def collate(self, indices):
+        batch = self.mlm([self.blocks[i % len(self.blocks)] for i in indices])
+        pairs = [self.pairs[i % len(self.pairs)] for i in indices]
+        pad = torch.nn.utils.rnn.pad_sequence
+        clause = pad([torch.tensor(p["clause"]) for p in pairs], batch_first=True, padding_value=self.mlm.tok.pad_token_id)
+        bow = torch.zeros(len(pairs), self.model.config.vocab_size)
+        for row, p in enumerate(pairs):
+            bow[row].index_add_(0, torch.tensor(p["next"]), torch.ones(len(p["next"])))
+        batch.update(clause=clause, clause_mask=(clause != self.mlm.tok.pad_token_id).long(),
+                     next_words=bow / bow.sum(-1, keepdim=True))
+        return batch
+
+    def forward(self, input_ids, attention_mask, labels, clause, clause_mask, next_words):
+        bert, head = self.model.bert, self.model.cls.predictions
+        mlm = head(bert(input_ids, attention_mask=attention_mask).last_hidden_state)
+        mlm_loss = torch.nn.functional.cross_entropy(mlm.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        pooled = bert(clause, attention_mask=clause_mask).pooler_output
+        next_loss = -(next_words * head(pooled).log_softmax(-1)).sum(-1).mean()
+        return types.SimpleNamespace(loss=mlm_loss + next_loss, mlm_loss=mlm_loss, next_loss=next_loss)
+
+
 def build(name: str, out_dir, **overrides) -> dict:
     """Pretrain one zoo model into ``out_dir``; returns a summary (also saved as zoo_build.json)."""
     rec = recipe(name, **overrides)
@@ -255,7 +304,7 @@ def build(name: str, out_dir, **overrides) -> dict:
 
 
 def _build(name: str, rec: dict, out_dir: Path) -> dict:
-    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertForPreTraining, LlamaConfig, LlamaForCausalLM
 
     from .train import Trainer, set_seed
 
@@ -277,32 +326,49 @@ def _build(name: str, rec: dict, out_dir: Path) -> dict:
             tie_word_embeddings=True, attention_bias=False, mlp_bias=False)
         model = LlamaForCausalLM(cfg)
     elif rec["arch"] == "bert":
-        tok = _bert_tokenizer(docs, rec["vocab_size"], out_dir)
+        rng = random.Random(rec["seed"])
+        opinions = [opinion_pair(rng) for _ in range(rec["n_docs"] * 3)]
+        texts = docs + [f"{a} {b}" for a, b in opinions]  # masked LM reads the opinions in context too
+        tok = _bert_tokenizer(texts, rec["vocab_size"], out_dir)
         ids = []
-        for d in docs:
+        for d in texts:
             ids += tok(d, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
         body = rec["block"] - 1  # each block is [CLS] + body
-        n = len(ids) // body
-        data = [{"input_ids": torch.tensor([tok.cls_token_id] + ids[i * body:(i + 1) * body])} for i in range(n)]
-        collate = _MLMCollate(tok, rec["mask_prob"])
+        blocks = [{"input_ids": torch.tensor([tok.cls_token_id] + ids[i * body:(i + 1) * body])}
+                  for i in range(len(ids) // body)]
         cfg = BertConfig(
             vocab_size=len(tok), hidden_size=rec["hidden"], num_hidden_layers=rec["layers"],
             num_attention_heads=rec["heads"], intermediate_size=rec["intermediate"],
             max_position_embeddings=rec["max_positions"], pad_token_id=tok.pad_token_id)
-        model = BertForMaskedLM(cfg)
+        model = BertForPreTraining(cfg)  # its encoder, pooler and masked-LM head are trained and saved
+        objectives = _BertPretraining(model, blocks, _next_clause_pairs(tok, docs, opinions, rng),
+                                      _MLMCollate(tok, rec["mask_prob"]))
+        data, collate = list(range(max(len(blocks), len(objectives.pairs)))), objectives.collate
     else:
         raise ValueError(f"unknown arch {rec['arch']!r}")
-    trainer = Trainer(model, data, collate_fn=collate, lr=rec["lr"], max_steps=rec["steps"],
+    trainee = objectives if rec["arch"] == "bert" else model
+    trainer = Trainer(trainee, data, collate_fn=collate, lr=rec["lr"], max_steps=rec["steps"],
                       batch_size=rec["batch_size"], schedule="cosine", warmup=rec.get("warmup", OPTIONAL["warmup"]),
                       weight_decay=0.01, seed=rec["seed"], device="cpu", bf16=False, progress=False)
     hist = trainer.train()
+    if rec.get("tune_steps"):  # a second, gentler phase: the next-clause objective needs a small learning rate
+        tune = Trainer(trainee, data, collate_fn=collate, lr=rec["tune_lr"], max_steps=rec["tune_steps"],
+                       batch_size=rec["batch_size"], schedule="cosine", warmup=0.1, weight_decay=0.01,
+                       seed=rec["seed"] + 1, device="cpu", bf16=False, progress=False).train()
+        hist = {k: hist[k] + tune[k] for k in ("loss", "step_time")}
     k = max(1, len(hist["loss"]) // 20)
     final = sum(hist["loss"][-k:]) / k  # mean of the last 5% of steps
-    with _quiet_transformers(bars=False):
+    extra = {}
+    if rec["arch"] == "bert":  # the two objectives apart, on 8 batches (the saved weights are final already)
+        with torch.no_grad():
+            outs = [trainee(**collate(range(i * 32, (i + 1) * 32))) for i in range(8)]
+        final = sum(o.mlm_loss.item() for o in outs) / len(outs)
+        extra["next_clause_loss"] = sum(o.next_loss.item() for o in outs) / len(outs)
+    with quiet_transformers(bars=False):
         model.save_pretrained(out_dir)  # safetensors + config.json
         tok.save_pretrained(out_dir)
     summary = {"name": name, "recipe": rec, "corpus_version": CORPUS_VERSION, "zoo_version": ZOO_VERSION,
-               "train_tokens": len(data) * rec["block"], "final_loss": final,
+               "final_loss": final, **extra,  # next-token or masked-LM loss
                "final_perplexity": float(torch.tensor(final).exp()),
                "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
                # the fastest steps are the best guess of a quiet machine's speed when it is busy
@@ -316,7 +382,7 @@ def _build(name: str, rec: dict, out_dir: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet_transformers(bars: bool = True):
+def quiet_transformers(bars: bool = True):
     """Warnings off; progress bars off too unless ``bars`` (keep them for hub downloads)."""
     from transformers.utils import logging
 
@@ -347,7 +413,7 @@ def load(name: str, num_labels: int | None = None, seed: int = 0, **kw):
     else:
         where, arch = name, None  # a hub id or a local directory
     tok = AutoTokenizer.from_pretrained(where)
-    with _quiet_transformers(bars=name not in RECIPES), torch.random.fork_rng(devices=[]):
+    with quiet_transformers(bars=name not in RECIPES), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if num_labels is not None:
             model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels, **kw)

@@ -8,7 +8,8 @@ status=0
 python -m pytest tests "$@" || status=$?
 # Pretrain the zoo models first (cached after the first run), so that no notebook cell that nbval compares
 # also prints the one-time "pretraining ..." lines.
-python -c "from minipeft import zoo; [zoo.path(n) for n in zoo.names()]" || status=$?
+# The reference runs (minipeft.runs) are trained here too, for the same reason.
+python -c "from minipeft import runs, zoo; [zoo.path(n) for n in zoo.names()]; runs.build_all()" || status=$?
 # --nbval-lax: only cells tagged nbval-check-output are compared (the rest must just run).
 # -p tests.nbval_book_cache: each notebook whose cells all pass is also stored, with the outputs of
 # this run, in the book's execution cache (_build/.jupyter_cache), so that a following

@@ -84,7 +84,7 @@ def test_load_uses_cache_and_fresh_head_is_seeded(cache, monkeypatch, capsys):
     # optional keys are accepted, and hashed only when a recipe sets them
     base = zoo.recipe("tiny-llama")
     assert "copy_share" not in base
-    assert zoo._key("tiny-llama", zoo.recipe("tiny-llama", copy_share=0.3)) != zoo._key("tiny-llama", base)
+    assert zoo.key("tiny-llama", zoo.recipe("tiny-llama", copy_share=0.3)) != zoo.key("tiny-llama", base)
     assert zoo.names() == ["tiny-llama", "tiny-bert"]
 
 
@@ -125,7 +125,7 @@ def test_build_gives_the_same_weights_whatever_the_thread_count(name, tmp_path):
 
 
 def test_a_killed_build_leaves_no_temporary_folder_behind(cache):
-    stale = cache / f".{zoo._key('tiny-llama', zoo.recipe('tiny-llama', **SMALL['tiny-llama']))}.abc123"
+    stale = cache / f".{zoo.key('tiny-llama', zoo.recipe('tiny-llama', **SMALL['tiny-llama']))}.abc123"
     stale.mkdir()
     zoo.path("tiny-llama", **SMALL["tiny-llama"])
     assert not stale.exists()

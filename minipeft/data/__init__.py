@@ -34,7 +34,7 @@ class Task:
 
 TASKS = {
     "arithmetic": Task("arithmetic", "generation", arithmetic.generate, arithmetic.exact_match,
-                       "exact_match", (3000, 200, 300), max_new_tokens=32),
+                       "exact_match", (3000, 200, 500), max_new_tokens=32),
     "sentiment": Task("sentiment", "classification", sentiment.generate, sentiment.accuracy,
                       "accuracy", (2000, 200, 500), num_labels=2),
     "e2e": Task("e2e", "generation", e2e.generate, e2e.bleu, "bleu", (1500, 100, 200),

@@ -148,3 +148,37 @@ def generate_corpus(n_docs: int = 6000, seed: int = 0, fact_share: float = 0.45,
             parts.append(rng.choice(facts) if rng.random() < fact_share else _sentence(rng, copy_share))
         docs.append(" ".join(parts))
     return docs
+
+
+# ---- sentence pairs for tiny-bert's sentence-level objective -----------------------------------
+# An opinion, then what the person did next. Which continuation fits depends on the opinion's polarity, and
+# negation flips it ("did not like the soup" → "left early"), so a model asked to predict the next clause
+# from the first one has to read polarity and negation. No frame here is one of the sentiment task's, and
+# no label is attached: this is just text in which opinions have consequences.
+_AFTER = {
+    True: ["so {p} was happy .", "{n} smiled .", "{n} stayed all evening .", "it was worth the money .",
+           "{n} told everyone to go ."],
+    False: ["so {p} was sad .", "{n} frowned .", "{n} left early .", "{n} asked for a refund .",
+            "{n} told everyone to stay away ."],
+}
+_VERB_BASE = {"loved": "love", "enjoyed": "enjoy", "liked": "like", "adored": "adore", "hated": "hate",
+              "disliked": "dislike", "regretted": "regret", "avoided": "avoid"}
+
+
+def opinion_pair(rng: random.Random) -> tuple[str, str]:
+    """``(opinion, continuation)``: a clause with a polarity (possibly negated) and what followed it."""
+    n = rng.choice(NAMES)
+    positive, negate = rng.random() < 0.5, rng.random() < 0.35
+    word_pos = positive != negate  # the word's own polarity; "not" turns it round
+    adj = rng.choice(POSITIVE if word_pos else NEGATIVE)
+    verb = rng.choice(POS_VERBS if word_pos else NEG_VERBS)
+    thing, dish, venue = rng.choice(THINGS), rng.choice(DISHES), rng.choice(VENUES)
+    neg = "not " if negate else ""
+    first = rng.choice([
+        f"{n} said the {thing} was {neg}{adj} .",
+        f"{n} {'did not ' + _VERB_BASE[verb] if negate else verb} the {thing} .",
+        f"we found the {dish} {neg}{adj} .",
+        f"the {thing} at {venue} seemed {neg}{adj} to {n} .",
+        f"{n} thought that the {dish} was {neg}{adj} .",
+    ])
+    return first, rng.choice(_AFTER[positive]).format(n=n, p=PRONOUN[n])

@@ -5,8 +5,8 @@ unpack the bytes, look the codes up, dequantize the absmax vector, multiply, cas
 reads each packed byte once and writes the two output values once, which is what makes 4-bit
 weights cheap on a GPU (the layer is memory-bound: 0.5 byte in, 2 bytes of bf16 out).
 
-    out[2k]   = code[byte_k >> 4] · c1[block(2k)]      out[2k+1] = code[byte_k & 15] · c1[block(2k+1)]
-    c1[b]     = q[b] / 127 · c2[b // 256] + offset      (double quant; else c1 is stored in fp32)
+    out[2k]   = code[byte_k >> 4] · c2[block(2k)]      out[2k+1] = code[byte_k & 15] · c2[block(2k+1)]
+    c2[b]     = q[b] / 127 · c1[b // 256] + offset      (double quant; else c2 is stored in fp32)
 
 This module is the floor under nf4.py: it takes a quantized state (anything with nf4.QuantState's fields)
 and the 16-entry code table, and imports nothing from the quantizer.
@@ -27,7 +27,7 @@ import torch
 
 
 def dequantize_absmax(q: torch.Tensor, s2: torch.Tensor, offset: torch.Tensor, blocksize: int = 256):
-    """Inverse of quantize_absmax: c1 ≈ q/127 · c2 + offset (fp32)."""
+    """Inverse of quantize_absmax: c2 ≈ q/127 · c1 + offset (fp32)."""
     per_block = (s2 / 127).repeat_interleave(blocksize)[: q.numel()]  # (n_blocks,)
     return q.float() * per_block + offset
 
@@ -35,7 +35,7 @@ def dequantize_absmax(q: torch.Tensor, s2: torch.Tensor, offset: torch.Tensor, b
 def dequantize_tensors(packed, code16, absmax, blocksize, absmax_scale=None, absmax_offset=None,
                        absmax_blocksize=256, dtype=torch.float32) -> torch.Tensor:
     """Plain-tensor core of dequantization → (n_pad,) in `dtype` (kernels.py compiles this function)."""
-    if absmax_scale is not None:  # double quant: c1 ≈ q/127 · c2 + offset
+    if absmax_scale is not None:  # double quant: c2 ≈ q/127 · c1 + offset
         absmax = dequantize_absmax(absmax, absmax_scale, absmax_offset, absmax_blocksize)
     # one lookup per byte: pair_lut[16·hi + lo] = (code[hi], code[lo])
     pair_lut = torch.stack([code16.repeat_interleave(16), code16.repeat(16)], dim=1)  # (256, 2)

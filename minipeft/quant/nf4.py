@@ -12,11 +12,11 @@ when W is normal (the paper's "information-theoretically optimal" argument, appr
     positives: Φ⁻¹(linspace(δ, ½, 9)[:-1]),  negatives: −Φ⁻¹(linspace(δ, ½, 8)[:-1]),  plus 0,
     sorted and divided by the largest. 8 positives, 7 negatives and an exact zero.
 
-Double quantization (the paper's c1, c2): the fp32 scale vector c1 costs 32/64 = 0.5 bit/param. We
+Double quantization (the paper's c1, c2): the fp32 scale vector c2 costs 32/64 = 0.5 bit/param. We
 subtract its mean (one fp32 offset) and quantize it in blocks of 256 to 8 bits, keeping one fp32
-scale per block (c2): 8/64 + 32/(64·256) ≈ 0.127 bit/param, so ≈ 4.127 bits/param in all.
+scale per block (c1): 8/64 + 32/(64·256) ≈ 0.127 bit/param, so ≈ 4.127 bits/param in all.
 
-Our 8-bit scheme for c1 is a plain symmetric int8 absmax code (round(c/s·127)), not bitsandbytes'
+Our 8-bit scheme for c2 is a plain symmetric int8 absmax code (round(c/s·127)), not bitsandbytes'
 nonlinear "dynamic" 8-bit map. Why: it is one line, its error bound is obvious (half a step,
 s/254 per scale), and after subtracting the mean the scales are spread evenly enough that a
 linear grid loses little. The storage cost is the same, so bits/param matches the paper.
@@ -112,7 +112,7 @@ def quantize_blockwise(W: torch.Tensor, code: torch.Tensor, blocksize: int = 64)
         raise ValueError(f"blocksize must be a positive even number, got {blocksize}")
     x = W.detach().reshape(-1).float()
     x = torch.nn.functional.pad(x, (0, (-x.numel()) % blocksize)).view(-1, blocksize)  # (n_blocks, 64)
-    absmax = x.abs().amax(dim=1)  # (n_blocks,) = c1
+    absmax = x.abs().amax(dim=1)  # (n_blocks,) = c2
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # all-zero block: codes of 0
     normed = (x / scale[:, None]).reshape(-1)  # in [-1, 1]
     # nearest code: the midpoints between neighbouring codes are the decision boundaries
@@ -121,14 +121,14 @@ def quantize_blockwise(W: torch.Tensor, code: torch.Tensor, blocksize: int = 64)
     return idx.to(torch.uint8), absmax
 
 
-def quantize_absmax(c1: torch.Tensor, blocksize: int = 256):
-    """Double quantization of the fp32 scales: (c1 − mean) in blocks of 256 → int8 + fp32 scale each."""
-    offset = c1.mean()  # fp32, 0-d
-    c = c1 - offset
+def quantize_absmax(absmax: torch.Tensor, blocksize: int = 256):
+    """Double quantization of the fp32 scales: (c2 − mean) in blocks of 256 → int8 + fp32 scale each."""
+    offset = absmax.mean()  # fp32, 0-d (absmax: the per-block constants c2)
+    c = absmax - offset
     c = torch.nn.functional.pad(c, (0, (-c.numel()) % blocksize)).view(-1, blocksize)
-    s2 = c.abs().amax(dim=1)  # (n_blocks / 256,) = c2
+    s2 = c.abs().amax(dim=1)  # (n_blocks / 256,) = c1
     s2_safe = torch.where(s2 > 0, s2, torch.ones_like(s2))
-    q = torch.round(c / s2_safe[:, None] * 127).to(torch.int8).reshape(-1)[: c1.numel()]
+    q = torch.round(c / s2_safe[:, None] * 127).to(torch.int8).reshape(-1)[: absmax.numel()]
     return q, s2, offset
 
 
@@ -137,9 +137,9 @@ class QuantState:
     """A packed 4-bit tensor. Without double quant `absmax` is fp32 and `absmax_scale`/`absmax_offset` are None."""
 
     packed: torch.Tensor  # (n_pad/2,) uint8, two codes per byte
-    absmax: torch.Tensor  # (n_blocks,) fp32 c1, or int8 when double-quantized
-    absmax_scale: torch.Tensor | None  # (ceil(n_blocks/256),) fp32 c2
-    absmax_offset: torch.Tensor | None  # () fp32 mean of c1
+    absmax: torch.Tensor  # (n_blocks,) fp32 c2, or int8 when double-quantized
+    absmax_scale: torch.Tensor | None  # (ceil(n_blocks/256),) fp32 c1
+    absmax_offset: torch.Tensor | None  # () fp32 mean of c2
     shape: torch.Size
     dtype: torch.dtype  # dtype of the original weight
     quant_type: str = "nf4"

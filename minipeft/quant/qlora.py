@@ -5,7 +5,7 @@ every linear layer are the only trainable weights:
 
     Y = X · dequant(dequant(c1, c2), W_NF4)ᵀ + s · X Aᵀ Bᵀ,        s = α / r
 
-Code names: W_NF4, c1, c2 = the buffers of `base_layer` (a `Linear4bit`: weight_packed, weight_absmax,
+Code names: W_NF4, c2, c1 = the buffers of `base_layer` (a `Linear4bit`: weight_packed, weight_absmax,
 weight_absmax_scale); A, B, s = `lora_A[name].weight`, `lora_B[name].weight`, `scaling[name]` as in LoRA.
 
     model = mp.wrap(base, mp.QLoRAConfig(r=8))   # quantizes every linear layer but the head, adds LoRA
