@@ -2,6 +2,7 @@
 
 Uses tiny overrides of the recipes (a few steps) in a temporary cache, so it runs in seconds.
 """
+import json
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ SMALL = {
     "tiny-llama": dict(n_docs=150, steps=3, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
                        vocab_size=400, batch_size=4),
     "tiny-bert": dict(n_docs=150, steps=3, hidden=32, layers=1, heads=2, intermediate=64, vocab_size=400,
-                      batch_size=4),
+                      batch_size=4, tune_steps=2),
 }
 
 
@@ -62,6 +63,27 @@ def test_bert_tokenizer_and_classification_head(cache):
     c1 = BertForSequenceClassification.from_pretrained(p, num_labels=2)
     # the encoder weights are the pretrained ones
     torch.testing.assert_close(c1.bert.embeddings.word_embeddings.weight, mlm.bert.embeddings.word_embeddings.weight)
+    # the pooler the head reads is the pretrained one (trained by the next-clause objective), not a fresh init
+    from safetensors.torch import load_file
+    saved = load_file(str(p / "model.safetensors"))
+    torch.testing.assert_close(c1.bert.pooler.dense.weight, saved["bert.pooler.dense.weight"])
+    assert json.loads((p / "zoo_build.json").read_text())["next_clause_loss"] > 0
+
+
+def test_next_clause_targets_are_content_words(cache):
+    import random
+
+    from transformers import BertTokenizerFast
+
+    from minipeft.data.corpus import opinion_pair
+
+    first, second = opinion_pair(random.Random(3))
+    assert first.endswith(" .") and second.endswith(" .")
+    tok = BertTokenizerFast.from_pretrained(zoo.path("tiny-bert", **SMALL["tiny-bert"]))
+    pairs = zoo._next_clause_pairs(tok, ["Tom has 3 pens . So he was happy ."], [], random.Random(0))
+    words = tok.convert_ids_to_tokens(pairs[0]["next"])
+    assert "happy" in words and not {"so", "he", "was", ".", "tom"} & set(words)
+    assert pairs[0]["clause"][0] == tok.cls_token_id and pairs[0]["clause"][-1] == tok.sep_token_id
 
 
 def test_load_uses_cache_and_fresh_head_is_seeded(cache, monkeypatch, capsys):
