@@ -172,7 +172,6 @@ def _train(name: str, rec: dict, out: Path) -> None:
                 if trainer.step in rec["checkpoints"]:
                     scores[trainer.step] = evaluate(model, tok, task)[task.metric_name]
                     _save_weights(model, out / f"step-{trainer.step}")
-                    model.train()
 
         trainer = Trainer(model, load(task.name, "train"), collate_fn=collator(task.name, tok), lr=rec["lr"],
                           max_steps=rec["steps"], batch_size=rec["batch_size"], schedule=rec["schedule"],
