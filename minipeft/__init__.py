@@ -10,9 +10,10 @@ __version__ = "0.1.0"
 from .config import REGISTRY, PeftConfig, register  # noqa: E402
 from .layer import AdapterLayer, ModulesToSave  # noqa: E402
 from .model import PeftModel, load_adapter, wrap  # noqa: E402
-from .reparam import AdaLoRAConfig, DoRAConfig, LoRAConfig, LoRALinear, loraplus_param_groups  # noqa: E402
+from .reparam import (AdaLoRAConfig, DoRAConfig, LoRAConfig, LoRAFAConfig, LoRALinear, MELoRAConfig,  # noqa: E402
+                      MonteCLoRAConfig, MoSLoRAConfig, PropulsionConfig, VeRAConfig, loraplus_param_groups)
 from .additive import AdapterConfig, PromptTuningConfig  # noqa: E402
-from .selective import BitFitConfig, SparseConfig  # noqa: E402
+from .selective import BitFitConfig, RoCoFTConfig, SparseConfig  # noqa: E402
 from .quant import QLoRAConfig  # noqa: E402
 from . import data, figures, runs, zoo  # noqa: E402
 from .train import Trainer  # noqa: E402
@@ -20,5 +21,6 @@ from .evaluate import evaluate, interval  # noqa: E402
 
 __all__ = ["wrap", "load_adapter", "PeftModel", "PeftConfig", "AdapterLayer", "ModulesToSave", "register",
            "REGISTRY", "LoRAConfig", "LoRALinear", "loraplus_param_groups", "DoRAConfig", "AdaLoRAConfig",
-           "AdapterConfig", "PromptTuningConfig", "BitFitConfig", "SparseConfig", "QLoRAConfig",
+           "LoRAFAConfig", "VeRAConfig", "MELoRAConfig", "MoSLoRAConfig", "MonteCLoRAConfig", "PropulsionConfig",
+           "RoCoFTConfig", "AdapterConfig", "PromptTuningConfig", "BitFitConfig", "SparseConfig", "QLoRAConfig",
            "data", "figures", "runs", "zoo", "Trainer", "evaluate", "interval"]

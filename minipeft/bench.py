@@ -33,10 +33,12 @@ import json
 import os
 import statistics
 import sys
+import time
+from pathlib import Path
 
 import torch
 
-from .harness import llama_base, run_isolated, time_training
+from .harness import PeakMemory, llama_base, run_isolated, time_training
 from .quant import bench as quant_bench
 
 def lora_variant(variant: str, args) -> dict:
@@ -140,6 +142,130 @@ def _methods_worker(variant: str, args) -> dict:
 
 
 
+# ---- section family: the LoRA family side by side -------------------------------------------------------------
+# Every method trains tiny-llama for the same number of steps (batch 16, linear schedule, 6% warmup, the Trainer's
+# AdamW) on each task, once per seed, and is scored on the test split. Each method keeps its own learning rate,
+# found by its chapter's author on arithmetic (it is part of the recipe, printed in the table).
+FAMILY_TASKS = {"arithmetic": 300, "e2e": 300}  # task: training steps
+FAMILY_SEEDS = (0, 1, 2)
+FAMILY_TIMED_STEPS = 20  # step time: the median of this many steps after 5 warmup steps
+_ALL = dict(target="all-linear")
+FAMILY = {  # name: (config as mp.config_from_dict reads it, learning rate)
+    "LoRA": (dict(method="lora", r=8, alpha=32, **_ALL), 3e-3),
+    "LoRA-FA": (dict(method="lora_fa", r=8, alpha=32, **_ALL), 1e-2),
+    "VeRA": (dict(method="vera", r=256, **_ALL), 1e-1),  # its scaling vectors need a far larger lr than LoRA
+    "MELoRA": (dict(method="melora", r=8, n=4, alpha=32, **_ALL), 3e-3),
+    "MoSLoRA": (dict(method="moslora", r=8, alpha=32, **_ALL), 1e-2),
+    "RoCoFT": (dict(method="rocoft", k=3, mode="rows", **_ALL), 1e-2),
+    "Propulsion": (dict(method="propulsion", k=5, **_ALL), 1e-2),
+    "MonteCLoRA": (dict(method="monteclora", r=8, alpha=32, num_samples=8, sample_scaler=1e-4, kl_loss_weight=1e-5,
+                        dirichlet_prior=0.1, **_ALL), 3e-3),
+}
+FAMILY_RESULTS = Path(__file__).parent / "results" / "lora_family.json"  # shipped with the package (chapters read it)
+# MonteCLoRA's claim (a smaller spread across learning rates and seeds than LoRA): both on arithmetic over this grid
+FAMILY_GRID = dict(task="arithmetic", methods=("LoRA", "MonteCLoRA"), lrs=(1e-3, 3e-3, 1e-2))
+
+
+def family_results() -> dict:
+    """The family bench's results as committed with the package: {"meta": {...}, "runs": [one dict per run]}."""
+    if not FAMILY_RESULTS.exists():
+        raise FileNotFoundError(f"{FAMILY_RESULTS} is missing: run python -m minipeft.bench --only family")
+    return json.loads(FAMILY_RESULTS.read_text())
+
+
+def family_variant(variant: str, args) -> dict:
+    """Train one family member on one task with one seed ("task/method/seed/lr"); or, in a memory run, 2 steps."""
+    import minipeft as mp
+    from .config import config_from_dict
+
+    task, method, seed, lr, *timing = variant.split("/")
+    seed, lr = int(seed), float(lr)
+    steps = 2 if args.memory_run else FAMILY_TIMED_STEPS + 5 if timing else (args.task_steps or FAMILY_TASKS[task])
+    device = torch.device(args.device)
+    model, tok = mp.zoo.load("tiny-llama")
+    torch.manual_seed(seed)  # the adapter's init
+    model = mp.wrap(model.to(device), config_from_dict(FAMILY[method][0]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ends = []
+
+    class StepEnds:  # when each step ended, for the timing run
+        def on_step_end(self, trainer):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+
+    trainer = mp.Trainer(model, mp.data.load(task, "train"), collate_fn=mp.data.collator(task, tok), lr=lr,
+                         max_steps=steps, batch_size=16, seed=seed, device=args.device, progress=False,
+                         callbacks=[StepEnds()])
+    if args.memory_run:
+        with PeakMemory(device) as mem:
+            trainer.train()
+        return {"train_mb": mem.peak_mb, "memory": mem.how}
+    if timing:  # the median of the last FAMILY_TIMED_STEPS steps (5 warmup steps first)
+        trainer.train()
+        return {"timed_step_ms": 1000 * statistics.median(b - a for a, b in zip(ends[4:], ends[5:]))}
+    hist = trainer.train()
+    metric = mp.data.get_task(task).metric_name
+    score = mp.evaluate(model, tok, task, "test")[metric]
+    return {"task": task, "method": method, "seed": seed, "lr": lr, "steps": steps, "trainable": trainable,
+            "score": score, "metric": metric, "step_ms": 1000 * hist["train_time"] / steps,
+            "n_test": len(mp.data.load(task, "test"))}
+
+
+def section_family(args) -> None:
+    """Runs every (task, method, seed) of the family table and the MonteCLoRA grid, each in a fresh process, and
+    keeps the results in --family-out (JSON). A result already there with the same recipe is reused, so an
+    interrupted bench resumes and a changed recipe reruns only its rows."""
+    out = Path(args.family_out)
+    plan = [(t, m, s, FAMILY[m][1]) for t in FAMILY_TASKS for m in FAMILY for s in FAMILY_SEEDS]
+    plan += [(FAMILY_GRID["task"], m, s, lr) for m in FAMILY_GRID["methods"] if m in FAMILY
+             for lr in FAMILY_GRID["lrs"] for s in FAMILY_SEEDS if lr != FAMILY[m][1]]
+    recipes = {p: dict(task=p[0], method=p[1], seed=p[2], lr=p[3], steps=args.task_steps or FAMILY_TASKS[p[0]],
+                       config=FAMILY[p[1]][0]) for p in plan}
+    old = json.loads(out.read_text())["runs"] if out.exists() else []
+    keys = {_family_key(r) for r in recipes.values()}
+    done = {_family_key(r): r for r in old if _family_key(r) in keys}  # results of recipes no longer run are dropped
+    todo = [p for p in plan if p[1] in (args.family_methods or FAMILY)]
+    print(f"\n## The LoRA family on tiny-llama ({args.device}, {args.threads or torch.get_num_threads()} threads): "
+          f"{len(todo)} runs, results in {out}")
+    for task, method, seed, lr in todo:
+        recipe = recipes[task, method, seed, lr]
+        key = _family_key(recipe)
+        if key not in done:
+            r = run_isolated("family", f"{task}/{method}/{seed}/{lr}", args)
+            if seed == FAMILY_SEEDS[0] and lr == FAMILY[method][1]:  # memory depends on neither seed nor lr
+                r.update(run_isolated("family", f"{task}/{method}/{seed}/{lr}", args, memory=True))
+            done[key] = {**recipe, **r}
+            _family_save(out, done, args)
+        r = done[key]
+        print(f"{task:<11} {method:<12} seed {seed} lr {lr:<7g} {r['trainable']:>9,} params  "
+              f"{r['metric']} {r['score']:6.1f}  {r['step_ms']:6.1f} ms/step"
+              + (f"  {r['train_mb']:.0f} MB" if "train_mb" in r else ""), flush=True)
+    # Step time: the runs above measure it too, but while the machine may be busy with anything else; so each
+    # (task, method) is timed again at the end, one after another, in a fresh process each.
+    for task, method, seed, lr in todo:
+        r = done[_family_key(recipes[task, method, seed, lr])]
+        if "train_mb" in r and "timed_step_ms" not in r:
+            r.update(run_isolated("family", f"{task}/{method}/{seed}/{lr}/timing", args))
+            _family_save(out, done, args)
+            print(f"{task:<11} {method:<12} {r['timed_step_ms']:6.1f} ms/step (median of {FAMILY_TIMED_STEPS})",
+                  flush=True)
+
+
+def _family_key(r: dict) -> str:
+    return json.dumps([r["task"], r["method"], r["seed"], r["lr"], r["steps"], r["config"]], sort_keys=True)
+
+
+def _family_save(out: Path, done: dict, args) -> None:
+    import platform
+    meta = dict(command="python -m minipeft.bench --only family", torch=torch.__version__, device=args.device,
+                threads=args.threads or torch.get_num_threads(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+                date=time.strftime("%Y-%m-%d"), tasks=FAMILY_TASKS, seeds=list(FAMILY_SEEDS), grid=FAMILY_GRID,
+                methods={m: {"config": c, "lr": lr} for m, (c, lr) in FAMILY.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "runs": list(done.values())}, indent=1) + "\n")
+
+
 # ---- sections --------------------------------------------------------------------------------------------
 def section_lora(args) -> None:
     have_peft = importlib.util.find_spec("peft") is not None
@@ -182,9 +308,9 @@ def section_lora(args) -> None:
 
 
 SECTIONS = {"lora": section_lora, "dequant": quant_bench.section_dequant, "qlora": quant_bench.section_qlora,
-            "methods": section_methods}
+            "methods": section_methods, "family": section_family}
 # section -> function(variant, args) -> dict, run in a fresh process by run_isolated
-WORKERS = {"lora": lora_variant, "qlora": quant_bench.qlora_variant, "methods": _methods_worker}
+WORKERS = {"lora": lora_variant, "qlora": quant_bench.qlora_variant, "methods": _methods_worker, "family": family_variant}
 
 
 def parse_args(argv=None):
@@ -208,6 +334,8 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", choices=sorted(METHOD_TASKS), default=None,
                    help="methods section: which tasks (default: all)")
     p.add_argument("--task-steps", type=int, default=0, help="methods section: training steps (0: per task default)")
+    p.add_argument("--family-out", default=str(FAMILY_RESULTS), help="family section: results file")
+    p.add_argument("--family-methods", nargs="+", default=None, help="family section: only these methods")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     quant_bench.add_args(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: "section:variant" in a fresh process

@@ -38,6 +38,20 @@ _METHODS = {
              "DoRA: a magnitude $m$ and a low-rank direction update $BA$ on chosen projections"),
     "adalora": ({"lora"}, _ALL_LINEAR, "PΛQ",
                 "AdaLoRA: an SVD-shaped branch $P\\Lambda Q$ on every matrix, rank moved where it matters"),
+    "melora": ({"lora"}, _ALL_LINEAR, "BA",
+               "MELoRA: n mini-LoRAs on disjoint slices, a block-diagonal update on every matrix"),
+    "moslora": ({"lora"}, _ALL_LINEAR, "BA",
+                "MoSLoRA: a LoRA branch with a trainable $r \\times r$ mixer, $BMA$, on every matrix"),
+    "monteclora": ({"lora"}, _ALL_LINEAR, "BA",
+                   "MonteCLoRA: a LoRA branch whose $A$ is sampled around its mean while training"),
+    "lora_fa": ({"lora"}, _ALL_LINEAR, "BA",
+                "LoRA-FA: a LoRA branch $BA$ with $A$ frozen and random, only $B$ trains, on every matrix"),
+    "vera": ({"lora"}, _ALL_LINEAR, "BA",
+             "VeRA: one frozen random pair $B, A$ shared by all layers, scaled per layer by trained vectors"),
+    "rocoft": ({"mask"}, _ALL_LINEAR, "BA",
+               "RoCoFT: k chosen rows (or columns) of every linear weight train, nothing is added"),
+    "propulsion": ({"lora"}, _ALL_LINEAR, "z^k",
+                   "Propulsion: every output of every linear layer is rescaled by a trained $z^k$"),
     "qlora": ({"lora", "nf4"}, _ALL_LINEAR, "BA",
               "QLoRA: a 4-bit (NF4) frozen base, a LoRA branch $BA$ on every linear layer"),
     "adapter": ({"adapter"}, ("q", "v"), "BA",
@@ -56,7 +70,7 @@ _METHODS = {
                "Sparse masks (FISH, PaFi, ID3): chosen entries of the weights train"),
 }
 METHOD_NAMES = tuple(_METHODS)
-_BRANCH_TEXT = {"BA": "$BA$", "m,BA": "$m, BA$", "PΛQ": "$P\\Lambda Q$"}
+_BRANCH_TEXT = {"BA": "$BA$", "m,BA": "$m, BA$", "PΛQ": "$P\\Lambda Q$", "z^k": "$\\odot z^k$"}
 
 
 def _check_highlight(highlight):
@@ -266,9 +280,10 @@ def where_methods_plug(highlight: str | None = None):
     return fig
 
 
-_DISPLAY = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "qlora": "QLoRA", "adapter": "adapters",
-            "prompt_tuning": "prompt tuning", "p_tuning": "P-tuning", "prefix_tuning": "prefix tuning",
-            "ia3": "(IA)³", "bitfit": "BitFit", "sparse": "sparse masks"}
+_DISPLAY = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "qlora": "QLoRA", "lora_fa": "LoRA-FA",
+            "vera": "VeRA", "melora": "MELoRA", "moslora": "MoSLoRA", "monteclora": "MonteCLoRA", "rocoft": "RoCoFT",
+            "propulsion": "Propulsion", "adapter": "adapters", "prompt_tuning": "prompt tuning", "p_tuning": "P-tuning",
+            "prefix_tuning": "prefix tuning", "ia3": "(IA)³", "bitfit": "BitFit", "sparse": "sparse masks"}
 
 
 # ---- the taxonomy ----------------------------------------------------------------------------------

@@ -110,6 +110,7 @@ class PeftModel(torch.nn.Module):
     def replace_module(self, path: str, new: torch.nn.Module) -> torch.nn.Module:
         """Put `new` at dotted `path` in the base model; returns it."""
         parent, _, child = path.rpartition(".")
+        new.train(self.base_model.get_submodule(path).training)  # a wrapped layer keeps its module's mode
         setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, new)
         return new
 

@@ -21,5 +21,5 @@ def test_wheel_builds_without_deprecation_warnings(tmp_path):
     assert "deprecat" not in log.lower(), log[-3000:]
     wheel = next(tmp_path.glob("minipeft-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "minipeft").rglob("*.py")}
+    modules = {str(p.relative_to(ROOT)) for ext in ("py", "json") for p in (ROOT / "minipeft").rglob(f"*.{ext}")}
     assert modules <= names, sorted(modules - names)

@@ -9,8 +9,12 @@ from .adapters import check_adapter_count, check_bottleneck_adapter
 from .bitfit import check_biases_only, check_count_biases, check_key_bias_shift
 from .dora import check_dora_linear, check_dora_magnitude_grad, check_weight_norm
 from .lora import check_lora_grads, check_lora_init, check_lora_linear
+from .lora_fa_vera import check_lora_fa_grad, check_vera_delta, check_vera_linear
+from .melora_moslora import check_melora_branch, check_melora_delta, check_moslora_linear
+from .monteclora import check_bartlett_wishart, check_dirichlet_kl, check_monteclora_layer
 from .prompt_tuning import check_nearest_tokens, check_prepend_prompt, check_text_init
 from .qlora import check_blockwise_absmax, check_nf4_codes, check_pack_4bit
+from .rocoft_propulsion import check_propulsion_grad, check_propulsion_merge, check_rocoft_linear
 
 __all__ = ["run_checks",
            "check_lora_linear", "check_lora_grads", "check_lora_init",                    # LoRA
@@ -19,4 +23,8 @@ __all__ = ["run_checks",
            "check_sensitivity", "check_budget_schedule", "check_triplet_scores",          # AdaLoRA
            "check_bottleneck_adapter", "check_adapter_count",                             # adapters
            "check_prepend_prompt", "check_text_init", "check_nearest_tokens",             # prompt tuning
-           "check_count_biases", "check_biases_only", "check_key_bias_shift"]             # BitFit
+           "check_count_biases", "check_biases_only", "check_key_bias_shift",             # BitFit
+           "check_lora_fa_grad", "check_vera_delta", "check_vera_linear",                 # LoRA-FA, VeRA
+           "check_melora_delta", "check_melora_branch", "check_moslora_linear",           # MELoRA, MoSLoRA
+           "check_bartlett_wishart", "check_dirichlet_kl", "check_monteclora_layer",      # MonteCLoRA
+           "check_rocoft_linear", "check_propulsion_merge", "check_propulsion_grad"]      # RoCoFT, Propulsion
