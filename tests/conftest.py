@@ -55,3 +55,17 @@ def bert():
 def input_ids():
     """A batch of token ids (2, 10) that every tiny model accepts."""
     return torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def train_losses(model, ids, steps: int, lr: float, weight_decay: float = 0.01) -> list[float]:
+    """AdamW on the model's trainable tensors for `steps` steps of language modelling on `ids`; the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

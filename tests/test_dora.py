@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import BUILDERS, tiny_llama
+from conftest import BUILDERS, tiny_llama, train_losses
 from torch import nn
 
 import minipeft as mp
@@ -111,15 +111,7 @@ def test_dora_on_a_4bit_base_runs_and_trains(input_ids):
     with model.disable_adapter():
         start = logits(model, input_ids)
     torch.testing.assert_close(logits(model, input_ids), start, atol=1e-5, rtol=0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(20):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, input_ids, steps=20, lr=1e-2)
     assert losses[-1] < losses[0] - 0.5
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BUILDERS, tiny_llama
+from conftest import BUILDERS, tiny_llama, train_losses
 from torch import nn
 
 import minipeft as mp
@@ -127,13 +127,5 @@ def test_melora_on_a_4bit_base_starts_at_the_base_and_trains(input_ids):
         start = model(input_ids=input_ids).logits
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids).logits, start)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(15):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, input_ids, steps=15, lr=1e-2)
     assert losses[-1] < losses[0] - 0.3

@@ -3,7 +3,7 @@ output, the merged weight diag(z^k)·W0 built with torch.diag, and autograd agai
 ∂L/∂z = k·z^(k−1) ⊙ Σ_tokens (W0x + b) ⊙ g."""
 import pytest
 import torch
-from conftest import BUILDERS, tiny_llama
+from conftest import BUILDERS, tiny_llama, train_losses
 from torch import nn
 
 import minipeft as mp
@@ -99,15 +99,7 @@ def test_it_learns_and_the_degree_speeds_up_the_scales(input_ids):
     moved, final = {}, {}
     for k in (1, 5):
         model = mp.wrap(tiny_llama(), mp.PropulsionConfig(k=k))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        model.train()
-        losses = []
-        for _ in range(20):
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        losses = train_losses(model, input_ids, steps=20, lr=1e-2)
         assert losses[-1] < losses[0]
         final[k] = losses[-1]
         moved[k] = torch.cat(list(propulsion_scales(model).values())).sub(1).abs().mean().item()

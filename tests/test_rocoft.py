@@ -3,7 +3,7 @@ the gradient masked (by a hook) to the chosen rows or columns; plus the saved fi
 the parameter count k·d_in (rows) / k·d_out (columns)."""
 import pytest
 import torch
-from conftest import BUILDERS, tiny_llama
+from conftest import BUILDERS, tiny_llama, train_losses
 from safetensors.torch import load_file
 from torch import nn
 
@@ -38,12 +38,7 @@ def masked_full_finetune(model, masks, ids, steps, lr):
 
 
 def rocoft_finetune(model, ids, steps, lr):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_losses(model, ids, steps, lr, weight_decay=0.0)
     return model
 
 
@@ -166,13 +161,5 @@ def test_rocoft_on_a_4bit_base_runs_and_trains(input_ids):
     with model.disable_adapter():
         start = logits(model, input_ids)
     assert torch.equal(logits(model, input_ids), start)
-    losses = []
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    for _ in range(20):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, input_ids, steps=20, lr=5e-2)
     assert losses[-1] < losses[0] - 0.15  # 2 rows per matrix: it learns, slowly (seen: 4.15 -> 3.90)
