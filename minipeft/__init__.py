@@ -13,7 +13,9 @@ from .model import PeftModel, load_adapter, wrap  # noqa: E402
 from .reparam import (AdaLoRAConfig, DoRAConfig, LoRAConfig, LoRAFAConfig, LoRALinear, MELoRAConfig,  # noqa: E402
                       MonteCLoRAConfig, MoSLoRAConfig, PropulsionConfig, VeRAConfig, loraplus_param_groups)
 from .additive import AdapterConfig, PromptTuningConfig  # noqa: E402
-from .selective import BitFitConfig, RoCoFTConfig, SparseConfig  # noqa: E402
+from .selective import (BitFitConfig, FISHConfig, ID3Config, PaFiConfig, RandomMaskConfig,  # noqa: E402
+                        RoCoFTConfig, SparseConfig)
+from . import selective  # noqa: E402
 from .quant import QLoRAConfig  # noqa: E402
 from . import data, figures, runs, zoo  # noqa: E402
 from .train import Trainer  # noqa: E402
@@ -22,5 +24,6 @@ from .evaluate import evaluate, interval  # noqa: E402
 __all__ = ["wrap", "load_adapter", "PeftModel", "PeftConfig", "AdapterLayer", "ModulesToSave", "register",
            "REGISTRY", "LoRAConfig", "LoRALinear", "loraplus_param_groups", "DoRAConfig", "AdaLoRAConfig",
            "LoRAFAConfig", "VeRAConfig", "MELoRAConfig", "MoSLoRAConfig", "MonteCLoRAConfig", "PropulsionConfig",
-           "RoCoFTConfig", "AdapterConfig", "PromptTuningConfig", "BitFitConfig", "SparseConfig", "QLoRAConfig",
+           "RoCoFTConfig", "AdapterConfig", "PromptTuningConfig", "BitFitConfig", "SparseConfig", "FISHConfig",
+           "PaFiConfig", "ID3Config", "RandomMaskConfig", "QLoRAConfig", "selective",
            "data", "figures", "runs", "zoo", "Trainer", "evaluate", "interval"]

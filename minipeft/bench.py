@@ -23,7 +23,8 @@ What the numbers mean
   otherwise hide the next variant's peak, and one variant's warm caches would flatter the next one's time.
 
 Sections `dequant` and `qlora` (NF4 dequantization throughput; QLoRA vs LoRA step time and memory) live in
-minipeft/quant/bench.py. Every section is a function in SECTIONS; `--only lora qlora` picks some.
+minipeft/quant/bench.py; section `selective` (which weights to train) in minipeft/selective/bench.py.
+Every section is a function in SECTIONS; `--only lora qlora` picks some.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import torch
 
 from .harness import PeakMemory, llama_base, run_isolated, time_training
 from .quant import bench as quant_bench
+from .selective import bench as selective_bench
 
 def lora_variant(variant: str, args) -> dict:
     """minipeft | peft | dora | peft-dora | full: one training run in this process."""
@@ -308,9 +310,10 @@ def section_lora(args) -> None:
 
 
 SECTIONS = {"lora": section_lora, "dequant": quant_bench.section_dequant, "qlora": quant_bench.section_qlora,
-            "methods": section_methods, "family": section_family}
+            "methods": section_methods, "family": section_family, "selective": selective_bench.section}
 # section -> function(variant, args) -> dict, run in a fresh process by run_isolated
-WORKERS = {"lora": lora_variant, "qlora": quant_bench.qlora_variant, "methods": _methods_worker, "family": family_variant}
+WORKERS = {"lora": lora_variant, "qlora": quant_bench.qlora_variant, "methods": _methods_worker, "family": family_variant,
+           "selective": selective_bench.variant}
 
 
 def parse_args(argv=None):
@@ -338,6 +341,7 @@ def parse_args(argv=None):
     p.add_argument("--family-methods", nargs="+", default=None, help="family section: only these methods")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     quant_bench.add_args(p)
+    selective_bench.add_args(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: "section:variant" in a fresh process
     p.add_argument("--memory-run", action="store_true", help=argparse.SUPPRESS)  # internal: see run_isolated
     args = p.parse_args(argv)

@@ -68,6 +68,14 @@ _METHODS = {
                "BitFit: only the bias terms of the base model train"),
     "sparse": ({"mask"}, ("q", "v"), "BA",
                "Sparse masks (FISH, PaFi, ID3): chosen entries of the weights train"),
+    "fish": ({"mask"}, _ALL_LINEAR, "BA",
+             "FISH: the entries with the largest Fisher information train, chosen once before training"),
+    "pafi": ({"mask"}, _ALL_LINEAR, "BA",
+             "PaFi: the entries of smallest magnitude train, chosen from the weights alone"),
+    "random_mask": ({"mask"}, _ALL_LINEAR, "BA",
+                    "A random mask: entries chosen uniformly at random train (the baseline to beat)"),
+    "id3": ({"mask"}, _ALL_LINEAR, "BA",
+            "ID3: entries are unmasked a few at a time while training, by gradient over magnitude"),
 }
 METHOD_NAMES = tuple(_METHODS)
 _BRANCH_TEXT = {"BA": "$BA$", "m,BA": "$m, BA$", "PΛQ": "$P\\Lambda Q$", "z^k": "$\\odot z^k$"}
@@ -283,7 +291,8 @@ def where_methods_plug(highlight: str | None = None):
 _DISPLAY = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "qlora": "QLoRA", "lora_fa": "LoRA-FA",
             "vera": "VeRA", "melora": "MELoRA", "moslora": "MoSLoRA", "monteclora": "MonteCLoRA", "rocoft": "RoCoFT",
             "propulsion": "Propulsion", "adapter": "adapters", "prompt_tuning": "prompt tuning", "p_tuning": "P-tuning",
-            "prefix_tuning": "prefix tuning", "ia3": "(IA)³", "bitfit": "BitFit", "sparse": "sparse masks"}
+            "prefix_tuning": "prefix tuning", "ia3": "(IA)³", "bitfit": "BitFit", "sparse": "sparse masks",
+            "fish": "FISH", "pafi": "PaFi", "id3": "ID3", "random_mask": "random mask"}
 
 
 # ---- the taxonomy ----------------------------------------------------------------------------------
@@ -297,8 +306,8 @@ _TAXONOMY = [
     ]),
     ("selective", "a subset of the weights", [
         ("structured", [("BitFit (biases)", "bitfit"), ("RoCoFT (rows, columns)", "rocoft")]),
-        ("unstructured", [("sparse masks (generic)", "sparse"), ("FISH mask", "fish"), ("diff pruning", "diff_pruning"),
-                          ("PaFi", "pafi"), ("ID3", "id3")]),
+        ("unstructured", [("sparse masks (generic)", "sparse"), ("random mask (baseline)", "random_mask"),
+                          ("FISH mask", "fish"), ("diff pruning", "diff_pruning"), ("PaFi", "pafi"), ("ID3", "id3")]),
     ]),
     ("reparameterization", "a compact form of ΔW", [
         ("low rank: LoRA and family", [("LoRA", "lora"), ("LoRA+", "loraplus"), ("rsLoRA", "rslora"),

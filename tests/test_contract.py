@@ -16,6 +16,15 @@ from minipeft.selective import SparseConfig
 
 QUERY_W = "bert.encoder.layer.0.attention.self.query.weight"
 
+# a few labelled examples for FISH's Fisher scores (tiny_bert: vocab 64, 3 labels)
+FISH_EXAMPLES = [{"input_ids": [(7 * i + j) % 64 for j in range(6)], "label": i % 3} for i in range(4)]
+
+
+def fish_collate(examples):
+    return {"input_ids": torch.tensor([e["input_ids"] for e in examples]),
+            "labels": torch.tensor([e["label"] for e in examples])}
+
+
 # method: (base builder, config factory(seed) for a first and a second adapter, start, merge atol, bad value)
 # start: "exact" (adapter output == base output), "near" (close to it), None (changes the input: no claim)
 CASES = {
@@ -52,6 +61,17 @@ CASES = {
                ({"target": 3}, "target")),
     "sparse": (tiny_bert, lambda i: SparseConfig(selection={QUERY_W: [0, 5, 7 + i]}), "exact", 1e-5,
                ({"selection": {}}, "selection")),
+    "fish": (tiny_bert, lambda i: mp.FISHConfig(density=0.01 + 0.01 * i, n_samples=4, examples=FISH_EXAMPLES,
+                                                collate=fish_collate, modules_to_save=["classifier"]), "exact", 1e-5,
+             ({"density": 0.01, "fisher": "x"}, "fisher")),
+    "pafi": (tiny_bert, lambda i: mp.PaFiConfig(density=0.01, magnitude=("smallest", "largest")[i],
+                                                modules_to_save=["classifier"]), "exact", 1e-5,
+             ({"density": 0.01, "magnitude": "x"}, "magnitude")),
+    # a fresh ID3 adapter has an empty mask (it grows while training: tests/test_id3.py); this is the saved form
+    "id3": (tiny_bert, lambda i: mp.ID3Config(selection={QUERY_W: 3 + i}), "exact", 1e-5,
+            ({"budget": 3, "eps": 0}, "eps")),
+    "random_mask": (tiny_bert, lambda i: mp.RandomMaskConfig(density=0.01, seed=i, modules_to_save=["classifier"]),
+                    "exact", 1e-5, ({"density": 0}, "density")),
 }
 
 

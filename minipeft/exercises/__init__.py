@@ -15,6 +15,7 @@ from .monteclora import check_bartlett_wishart, check_dirichlet_kl, check_montec
 from .prompt_tuning import check_nearest_tokens, check_prepend_prompt, check_text_init
 from .qlora import check_blockwise_absmax, check_nf4_codes, check_pack_4bit
 from .rocoft_propulsion import check_propulsion_grad, check_propulsion_merge, check_rocoft_linear
+from .selective import check_diagonal_fisher, check_top_k_mask, check_id3_step
 
 __all__ = ["run_checks",
            "check_lora_linear", "check_lora_grads", "check_lora_init",                    # LoRA
@@ -27,4 +28,5 @@ __all__ = ["run_checks",
            "check_lora_fa_grad", "check_vera_delta", "check_vera_linear",                 # LoRA-FA, VeRA
            "check_melora_delta", "check_melora_branch", "check_moslora_linear",           # MELoRA, MoSLoRA
            "check_bartlett_wishart", "check_dirichlet_kl", "check_monteclora_layer",      # MonteCLoRA
-           "check_rocoft_linear", "check_propulsion_merge", "check_propulsion_grad"]      # RoCoFT, Propulsion
+           "check_rocoft_linear", "check_propulsion_merge", "check_propulsion_grad",      # RoCoFT, Propulsion
+           "check_diagonal_fisher", "check_top_k_mask", "check_id3_step"]                 # FISH, PaFi, ID3

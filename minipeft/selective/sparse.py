@@ -31,7 +31,7 @@ from .. import targeting
 from ..config import PeftConfig, register
 from ..layer import AdapterLayer
 
-_SEP = "__"  # a parameter of a submodule ("transform.dense.bias") is keyed "transform__dense__bias"
+KEY_SEP = "__"  # a parameter of a submodule ("transform.dense.bias") is keyed "transform__dense__bias"
 
 
 class SelectiveConfig(PeftConfig):
@@ -111,8 +111,21 @@ def plan_selection(model, selection: dict[str, torch.Tensor]) -> dict[str, tuple
                              f"are not supported")
         local = name[len(top) + 1:]
         owner = targeting.unwrap(model.get_submodule(top))
-        plan.setdefault(top, (owner, {}))[1][local.replace(".", _SEP)] = idx
+        plan.setdefault(top, (owner, {}))[1][local.replace(".", KEY_SEP)] = idx
     return plan
+
+
+def reserved_selection(model, counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """{name: count} from a saved adapter_config.json → placeholder indices (0..count-1) per parameter, which
+    load_adapter then overwrites with the saved indices."""
+    params = {f"{path}.{n}" if path else n: p for path, _, n, p in base_parameters(model)}
+    out = {}
+    for name, count in counts.items():
+        p = params.get(name.replace(".base_layer.", "."))
+        if p is None or isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= p.numel():
+            raise ValueError(f"selection[{name!r}] = {count!r}: no such parameter or not 1..numel entries")
+        out[name] = torch.arange(count)
+    return out
 
 
 def as_flat_index(name: str, index, param: torch.Tensor) -> torch.Tensor:
@@ -158,16 +171,8 @@ class SparseConfig(SelectiveConfig):
             raise ValueError("SparseConfig: the selection says which parameters are trained; leave target=None")
 
     def select(self, model):
-        out = {}
-        params = {f"{path}.{n}" if path else n: p for path, _, n, p in base_parameters(model)}
-        for name, index in self.selection.items():
-            if isinstance(index, int) and not isinstance(index, bool):  # a count from a saved config
-                p = params.get(name.replace(".base_layer.", "."))
-                if p is None or not 0 < index <= p.numel():
-                    raise ValueError(f"selection[{name!r}] = {index}: no such parameter or too many entries")
-                index = torch.arange(index)  # placeholder, overwritten by the saved indices
-            out[name] = index
-        return out
+        counts = {k: v for k, v in self.selection.items() if isinstance(v, int) and not isinstance(v, bool)}
+        return {**self.selection, **reserved_selection(model, counts)}
 
     def to_dict(self):
         counts = {}
@@ -191,7 +196,7 @@ class SparseDeltaLayer(AdapterLayer):
         self.sparse_values, self.sparse_index = nn.ModuleDict(), nn.ModuleDict()
 
     def theta0(self, key: str) -> torch.Tensor:
-        return self.base_layer.get_parameter(key.replace(_SEP, "."))
+        return self.base_layer.get_parameter(key.replace(KEY_SEP, "."))
 
     def add_adapter(self, name: str, config: SelectiveConfig) -> None:
         values, index = nn.ParameterDict(), nn.Module()
@@ -210,13 +215,27 @@ class SparseDeltaLayer(AdapterLayer):
         name = self.active
         if name is None:
             return self.base_layer(*args, **kwargs)
-        params = {key.replace(_SEP, "."): self.patched(name, key) for key in self.sparse_values[name]}
+        params = {key.replace(KEY_SEP, "."): self.patched(name, key) for key in self.sparse_values[name]}
         return functional_call(self.base_layer, params, args, kwargs)
 
     def merge_weights(self, name: str) -> None:
         for key, delta in self.sparse_values[name].items():
             flat, idx = self.theta0(key).view(-1), getattr(self.sparse_index[name], key)
             flat[idx] += delta.to(flat.dtype)
+
+
+def selected_entries(model, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """{parameter name in the base: flat indices} the adapter trains, for every sparse-delta layer (an ID3
+    layer saves its chosen entries in the same form)."""
+    name = adapter_name or model.active_adapter
+    model.check_adapter_name(name)
+    out = {}
+    for path, layer in model.adapter_layers():
+        if name in layer.adapter_names():
+            for key, t in layer.adapter_state(name).items():
+                if key.startswith("sparse_index."):
+                    out[f"{path}.{key.removeprefix('sparse_index.').replace(KEY_SEP, '.')}"] = t
+    return out
 
 
 @torch.no_grad()
@@ -229,9 +248,10 @@ def delta_summary(model, adapter_name: str | None = None) -> dict[str, dict[str,
         if isinstance(layer, SparseDeltaLayer) and name in layer.adapter_names():
             for key, delta in layer.sparse_values[name].items():
                 d = delta.float()
-                out[f"{path}.{key.replace(_SEP, '.')}"] = {"n": d.numel(), "mean_abs": d.abs().mean().item(),
+                out[f"{path}.{key.replace(KEY_SEP, '.')}"] = {"n": d.numel(), "mean_abs": d.abs().mean().item(),
                                                           "l2": d.norm().item()}
     return out
 
 
-__all__ = ["SelectiveConfig", "SparseConfig", "SparseDeltaLayer", "plan_selection", "delta_summary"]
+__all__ = ["SelectiveConfig", "SparseConfig", "SparseDeltaLayer", "plan_selection", "reserved_selection",
+           "selected_entries", "delta_summary"]
