@@ -4,6 +4,7 @@ Each fixture builds a fresh model in eval mode with a fixed seed, so two calls g
 """
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
 
@@ -69,3 +70,13 @@ def train_losses(model, ids, steps: int, lr: float, weight_decay: float = 0.01) 
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def saved_selection(path) -> dict[str, torch.Tensor]:
+    """{parameter name: flat indices} read back from adapter.safetensors."""
+    out = {}
+    for key, value in load_file(str(path / "adapter.safetensors")).items():
+        if ".sparse_index." in key:
+            owner, local = key.split(".sparse_index.")
+            out[f"{owner}.{local.replace('__', '.')}"] = value
+    return out

@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, tiny_bert, tiny_llama
-from safetensors.torch import load_file
+from conftest import VOCAB, saved_selection, tiny_bert, tiny_llama
 from torch.func import functional_call, grad, jacrev, vmap
 
 import minipeft as mp
@@ -148,16 +147,6 @@ def fish_model(density=0.02, **kw):
     config = FISHConfig(density=density, n_samples=4, examples=bert_examples(), collate=bert_collate,
                         modules_to_save=HEAD, **kw)
     return mp.wrap(tiny_bert(), config)
-
-
-def saved_selection(path) -> dict[str, torch.Tensor]:
-    """{parameter name: flat indices} read back from adapter.safetensors."""
-    out = {}
-    for key, value in load_file(str(path / "adapter.safetensors")).items():
-        if ".sparse_index." in key:
-            owner, local = key.split(".sparse_index.")
-            out[f"{owner}.{local.replace('__', '.')}"] = value
-    return out
 
 
 def test_picks_exactly_the_top_k_and_records_how(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2
+from conftest import saved_selection, tiny_bert, tiny_gpt2
 from safetensors.torch import load_file, save_file
 
 import minipeft as mp
@@ -19,16 +19,6 @@ def distinct_values(model, seed=0):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 1e-3)
     return model
-
-
-def saved_selection(path) -> dict[str, torch.Tensor]:
-    """{parameter name: flat indices} read back from adapter.safetensors."""
-    out = {}
-    for key, value in load_file(str(path / "adapter.safetensors")).items():
-        if ".sparse_index." in key:
-            owner, local = key.split(".sparse_index.")
-            out[f"{owner}.{local.replace('__', '.')}"] = value
-    return out
 
 
 def reference_top_k(params: dict, k: int, smallest: bool) -> dict[str, torch.Tensor]:
