@@ -29,7 +29,10 @@ def config_from_dict(d: dict) -> "PeftConfig":
         raise ValueError(f"unknown PEFT method {method!r}; known methods: {sorted(REGISTRY)}")
     cls = REGISTRY[method]
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    unknown = sorted(set(d) - names)
+    if unknown:  # a misspelt or foreign field must not be dropped silently
+        raise ValueError(f"{method}: unknown config field(s) {unknown}; {cls.__name__} has {sorted(names)}")
+    return cls(**d)
 
 
 # ---- value checks: each raises a ValueError that names the field -----------------------------------

@@ -418,3 +418,13 @@ def test_frozen_and_shared_adapter_tensors_stay_frozen_and_are_saved_once(tmp_pa
     model.save_adapter(tmp_path)
     state = load_file(str(tmp_path / "adapter.safetensors"))
     assert torch.equal(state["shared.A"], model.shared["default"].A)
+
+
+def test_a_saved_config_with_an_unknown_field_is_refused():
+    from minipeft.config import config_from_dict
+    good = mp.LoRAConfig(r=4, target=["q_proj"]).to_dict()
+    assert config_from_dict(good).to_dict() == good
+    with pytest.raises(ValueError, match="unknown config field.*'rank'"):
+        config_from_dict({**good, "rank": 4})  # a misspelt r would otherwise vanish and r stay 8
+    with pytest.raises(ValueError, match="unknown PEFT method"):
+        config_from_dict({**good, "method": "lorra"})
