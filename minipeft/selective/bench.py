@@ -61,8 +61,10 @@ def make_config(method: str, budget: str, seed: int, model, train, collate):
     if spec is None:
         return None
     spec = dict(spec, modules_to_save=["classifier"])
-    if method in MASKED:
-        spec.update(density=0.005) if budget == "0.5%" else spec.update(budget=bitfit_budget(model))
+    if method in MASKED and budget == "0.5%":
+        spec["density"] = 0.005
+    elif method in MASKED:
+        spec["budget"] = bitfit_budget(model)
     if method == "random":
         spec["seed"] = seed
     config = config_from_dict(spec)
@@ -75,6 +77,7 @@ def variant(name: str, args) -> dict:
     """Train one ("budget/method/seed/lr/split") run in this process and score it."""
     import minipeft as mp
     from .id3 import ID3Grower
+    from .sparse import selected_entries
 
     budget, method, seed, lr, split = name.split("/")
     seed, lr = int(seed), float(lr)
@@ -92,17 +95,13 @@ def variant(name: str, args) -> dict:
     out = {"budget": budget, "method": method, "seed": seed, "lr": lr, "split": split, "steps": trainer.max_steps,
            "score": mp.evaluate(model, tok, TASK, split)["accuracy"], "select_s": select_s,
            "train_s": hist["train_time"], "loss_first": hist["loss"][0], "loss_last": sum(hist["loss"][-20:]) / 20}
-    if config is None:
+    if config is None:  # full fine-tuning: every base entry
         out["trained_base_entries"] = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("classifier"))
-    else:
-        from .id3 import id3_budget_used
-        head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" in n)
+    else:  # the entries the adapter trains (an ID3 mask as it ended)
+        out["trained_base_entries"] = sum(len(i) for i in selected_entries(model).values())
         grower = next((cb for cb in trainer.callbacks if isinstance(cb, ID3Grower)), None)
         if grower is not None:
-            out["trained_base_entries"] = id3_budget_used(model)
             out["chosen_by_step"] = grower.history[::10] + grower.history[-1:]
-        else:
-            out["trained_base_entries"] = sum(p.numel() for p in model.parameters() if p.requires_grad) - head
     return out
 
 
