@@ -273,7 +273,10 @@ class PeftModel(torch.nn.Module):
             state.update({f"{path}.{k}": v for k, v in layer.adapter_state(name).items()})
         for prefix, modules in (("input_adapter", self.input_adapters), ("shared", self.shared)):
             if name in modules:
-                state.update({f"{prefix}.{k}": v.detach() for k, v in modules[name].state_dict().items()})
+                module = modules[name]
+                # an input adapter may save a compact form of its live tensors (prefix tuning: P, not its MLP)
+                saved = module.adapter_state() if hasattr(module, "adapter_state") else module.state_dict()
+                state.update({f"{prefix}.{k}": v.detach() for k, v in saved.items()})
         return state
 
     def save_adapter(self, path, adapter_name: str | None = None) -> None:
