@@ -12,7 +12,7 @@ from .layer import AdapterLayer, ModulesToSave  # noqa: E402
 from .model import PeftModel, load_adapter, wrap  # noqa: E402
 from .reparam import (AdaLoRAConfig, DoRAConfig, LoRAConfig, LoRAFAConfig, LoRALinear, MELoRAConfig,  # noqa: E402
                       MonteCLoRAConfig, MoSLoRAConfig, PropulsionConfig, VeRAConfig, loraplus_param_groups)
-from .additive import AdapterConfig, PromptTuningConfig  # noqa: E402
+from .additive import AdapterConfig, IA3Config, PrefixTuningConfig, PromptTuningConfig, PTuningConfig  # noqa: E402
 from .selective import (BitFitConfig, FISHConfig, ID3Config, PaFiConfig, RandomMaskConfig,  # noqa: E402
                         RoCoFTConfig, SparseConfig)
 from . import selective  # noqa: E402
@@ -24,6 +24,6 @@ from .evaluate import evaluate, interval  # noqa: E402
 __all__ = ["wrap", "load_adapter", "PeftModel", "PeftConfig", "AdapterLayer", "ModulesToSave", "register",
            "REGISTRY", "LoRAConfig", "LoRALinear", "loraplus_param_groups", "DoRAConfig", "AdaLoRAConfig",
            "LoRAFAConfig", "VeRAConfig", "MELoRAConfig", "MoSLoRAConfig", "MonteCLoRAConfig", "PropulsionConfig",
-           "RoCoFTConfig", "AdapterConfig", "PromptTuningConfig", "BitFitConfig", "SparseConfig", "FISHConfig",
-           "PaFiConfig", "ID3Config", "RandomMaskConfig", "QLoRAConfig", "selective",
-           "data", "figures", "runs", "zoo", "Trainer", "evaluate", "interval"]
+           "RoCoFTConfig", "AdapterConfig", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "IA3Config",
+           "BitFitConfig", "SparseConfig", "FISHConfig", "PaFiConfig", "ID3Config", "RandomMaskConfig", "QLoRAConfig",
+           "selective", "data", "figures", "runs", "zoo", "Trainer", "evaluate", "interval"]

@@ -337,6 +337,8 @@ def _implemented_now() -> set[str]:
             done.add("rslora")
         if hasattr(reparam, "loraplus_param_groups"):
             done.add("loraplus")
+    if "adapter" in REGISTRY and "form" in {f.name for f in dataclasses.fields(REGISTRY["adapter"])}:
+        done.add("parallel_adapter")  # AdapterConfig(form="parallel")
     return done
 
 

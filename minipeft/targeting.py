@@ -28,6 +28,27 @@ DEFAULT_TARGETS = {
     "sublayer_outputs": {"llama": ["o_proj", "down_proj"], "mistral": ["o_proj", "down_proj"],
                          "qwen2": ["o_proj", "down_proj"], "bert": ["output.dense"],
                          "roberta": ["output.dense"], "gpt2": ["c_proj"]},
+    # the same, one sublayer only (He et al.'s "placement"; BERT's FFN output module is layer.N.output)
+    "attention_sublayer_outputs": {"llama": ["o_proj"], "mistral": ["o_proj"], "qwen2": ["o_proj"],
+                                   "bert": ["attention.output.dense"], "roberta": ["attention.output.dense"],
+                                   "gpt2": ["attn.c_proj"]},
+    "ffn_sublayer_outputs": {"llama": ["down_proj"], "mistral": ["down_proj"], "qwen2": ["down_proj"],
+                             "bert": r".*\.layer\.\d+\.output\.dense", "roberta": r".*\.layer\.\d+\.output\.dense",
+                             "gpt2": ["mlp.c_proj"]},
+    # whole sublayers, for adapters that read a sublayer's input (He et al.'s parallel adapter); BERT: the
+    # output modules that add the sublayer's input back (BertSelfOutput, BertOutput)
+    "sublayers": {"llama": ["self_attn", "mlp"], "mistral": ["self_attn", "mlp"], "qwen2": ["self_attn", "mlp"],
+                  "bert": ["output"], "roberta": ["output"], "gpt2": ["attn", "mlp"]},
+    "attention_sublayers": {"llama": ["self_attn"], "mistral": ["self_attn"], "qwen2": ["self_attn"],
+                            "bert": ["attention.output"], "roberta": ["attention.output"], "gpt2": ["attn"]},
+    "ffn_sublayers": {"llama": ["mlp"], "mistral": ["mlp"], "qwen2": ["mlp"], "bert": r".*\.layer\.\d+\.output",
+                      "roberta": r".*\.layer\.\d+\.output", "gpt2": ["mlp"]},
+    # (IA)³ (peft's defaults): keys, values and the FFN down projection; "ia3_feedforward": the input-scaled ones
+    "ia3": {"llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
+            "qwen2": ["k_proj", "v_proj", "down_proj"], "bert": ["key", "value", "output.dense"],
+            "roberta": ["key", "value", "output.dense"], "gpt2": ["c_attn", "mlp.c_proj"]},
+    "ia3_feedforward": {"llama": ["down_proj"], "mistral": ["down_proj"], "qwen2": ["down_proj"],
+                        "bert": ["output.dense"], "roberta": ["output.dense"], "gpt2": ["mlp.c_proj"]},
 }
 
 

@@ -18,6 +18,9 @@ Interpretation: `nearest_tokens` lists, per virtual token, the vocabulary tokens
 have the highest cosine similarity (the paper's §7).
 
 With a BERT classifier the pooler reads position 0, which is now the first virtual token (as in peft).
+
+`PrependedPrompt` holds what every prompt at the input shares (placing the virtual tokens, the mask,
+labels and token types, generate); P-tuning (`p_tuning.py`) subclasses it with an encoder that produces P.
 """
 from __future__ import annotations
 
@@ -69,8 +72,74 @@ class PromptTuningConfig(PeftConfig):
         return SoftPrompt(model, self)
 
 
-class SoftPrompt(nn.Module):
-    """The soft prompt P and the two entry points the spine calls: forward_model and generate."""
+class PrependedPrompt(nn.Module):
+    """Virtual tokens placed in front of the embedded input: the entry points the spine calls (forward_model,
+    generate), shared by every method whose adapter is a prompt at the input (prompt tuning, P-tuning).
+
+    A subclass holds its tensors and defines `virtual_tokens()`, the (L_p, d) prompt for this forward pass.
+    """
+
+    num_virtual_tokens: int
+    method_name = "prompt tuning"  # for error messages
+
+    def virtual_tokens(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _prepend(self, base_model, input_ids, attention_mask, inputs_embeds):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = base_model.get_input_embeddings()(input_ids)  # (B, T, d)
+        B, L = inputs_embeds.shape[0], self.num_virtual_tokens
+        P = self.virtual_tokens().to(inputs_embeds.dtype).unsqueeze(0).expand(B, -1, -1)  # (B, L_p, d)
+        inputs_embeds = torch.cat([P, inputs_embeds], dim=1)  # (B, L_p + T, d)
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(B, L)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)  # (B, L_p + T)
+        return inputs_embeds, attention_mask
+
+    def forward_model(self, base_model, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kw):
+        if kw.get("position_ids") is not None:
+            raise ValueError(f"{self.method_name} counts positions over [prompt; input]; do not pass position_ids")
+        if kw.get("past_key_values") is not None:
+            raise ValueError(f"{self.method_name} with past_key_values is not supported here; use model.generate()")
+        T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        inputs_embeds, attention_mask = self._prepend(base_model, input_ids, attention_mask, inputs_embeds)
+        B, L = inputs_embeds.shape[0], self.num_virtual_tokens
+        # token-level labels (B, T) get -100 for the virtual tokens; class labels (B,) pass unchanged
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == T and not labels.is_floating_point():
+            labels = torch.cat([labels.new_full((B, L), -100), labels], dim=1)
+        if kw.get("token_type_ids") is not None:
+            tt = kw["token_type_ids"]
+            kw["token_type_ids"] = torch.cat([tt.new_zeros(B, L), tt], dim=1)
+        if labels is not None:
+            kw["labels"] = labels
+        return base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kw)
+
+    @torch.no_grad()
+    def generate(self, base_model, input_ids=None, attention_mask=None, **kw):
+        """Decoder-only generation; returns input_ids followed by the new tokens, like base_model.generate.
+
+        Pass attention_mask for padded batches (left padding); max_length counts the real tokens only.
+        """
+        if getattr(base_model.config, "is_encoder_decoder", False):
+            raise ValueError(f"{self.method_name} generate() supports decoder-only models")
+        if input_ids is None or "inputs_embeds" in kw:
+            raise ValueError(f"{self.method_name} generate() needs input_ids (and no inputs_embeds)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if "max_length" in kw and "max_new_tokens" not in kw:  # HF counts inputs_embeds in max_length
+            kw["max_new_tokens"] = kw.pop("max_length") - input_ids.shape[1]
+        embeds, mask = self._prepend(base_model, input_ids, attention_mask, None)
+        out = base_model.generate(inputs_embeds=embeds, attention_mask=mask, **kw)  # new tokens only (B, T_new)
+        if isinstance(out, torch.Tensor):
+            return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
+        out.sequences = torch.cat([input_ids, out.sequences.to(input_ids.device)], dim=1)  # return_dict_in_generate
+        return out
+
+
+class SoftPrompt(PrependedPrompt):
+    """The soft prompt P of prompt tuning: the virtual tokens are P itself."""
 
     def __init__(self, model: nn.Module, config: PromptTuningConfig):
         super().__init__()
@@ -93,70 +162,22 @@ class SoftPrompt(nn.Module):
                     ids = ids.repeat((L + len(ids) - 1) // len(ids))[:L]  # repeat, then cut to L_p
                 self.prompt.copy_(emb[ids.to(emb.device)].float())
 
-    def _prepend(self, base_model, input_ids, attention_mask, inputs_embeds):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = base_model.get_input_embeddings()(input_ids)  # (B, T, d)
-        B, L = inputs_embeds.shape[0], self.num_virtual_tokens
-        P = self.prompt.to(inputs_embeds.dtype).unsqueeze(0).expand(B, -1, -1)  # (B, L_p, d)
-        inputs_embeds = torch.cat([P, inputs_embeds], dim=1)  # (B, L_p + T, d)
-        if attention_mask is not None:
-            ones = attention_mask.new_ones(B, L)
-            attention_mask = torch.cat([ones, attention_mask], dim=1)  # (B, L_p + T)
-        return inputs_embeds, attention_mask
-
-    def forward_model(self, base_model, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kw):
-        if kw.get("position_ids") is not None:
-            raise ValueError("prompt tuning counts positions over [prompt; input]; do not pass position_ids")
-        if kw.get("past_key_values") is not None:
-            raise ValueError("prompt tuning with past_key_values is not supported here; use model.generate()")
-        T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        inputs_embeds, attention_mask = self._prepend(base_model, input_ids, attention_mask, inputs_embeds)
-        B, L = inputs_embeds.shape[0], self.num_virtual_tokens
-        # token-level labels (B, T) get -100 for the virtual tokens; class labels (B,) pass unchanged
-        if labels is not None and labels.dim() == 2 and labels.shape[1] == T and not labels.is_floating_point():
-            labels = torch.cat([labels.new_full((B, L), -100), labels], dim=1)
-        if kw.get("token_type_ids") is not None:
-            tt = kw["token_type_ids"]
-            kw["token_type_ids"] = torch.cat([tt.new_zeros(B, L), tt], dim=1)
-        if labels is not None:
-            kw["labels"] = labels
-        return base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kw)
-
-    @torch.no_grad()
-    def generate(self, base_model, input_ids=None, attention_mask=None, **kw):
-        """Decoder-only generation; returns input_ids followed by the new tokens, like base_model.generate.
-
-        Pass attention_mask for padded batches (left padding); max_length counts the real tokens only.
-        """
-        if getattr(base_model.config, "is_encoder_decoder", False):
-            raise ValueError("prompt tuning generate() supports decoder-only models")
-        if input_ids is None or "inputs_embeds" in kw:
-            raise ValueError("prompt tuning generate() needs input_ids (and no inputs_embeds)")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if "max_length" in kw and "max_new_tokens" not in kw:  # HF counts inputs_embeds in max_length
-            kw["max_new_tokens"] = kw.pop("max_length") - input_ids.shape[1]
-        embeds, mask = self._prepend(base_model, input_ids, attention_mask, None)
-        out = base_model.generate(inputs_embeds=embeds, attention_mask=mask, **kw)  # new tokens only (B, T_new)
-        if isinstance(out, torch.Tensor):
-            return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
-        out.sequences = torch.cat([input_ids, out.sequences.to(input_ids.device)], dim=1)  # return_dict_in_generate
-        return out
+    def virtual_tokens(self) -> torch.Tensor:
+        return self.prompt
 
 
 @torch.no_grad()
 def nearest_tokens(model, k: int = 5, tokenizer=None, adapter_name: str | None = None):
     """Per virtual token, the k vocabulary tokens with the highest cosine similarity of input embeddings.
 
+    Works for prompt tuning (P) and P-tuning (the encoder's output f(Z)).
     Returns (ids (L_p, k), similarities (L_p, k)), plus a list of lists of token strings if a tokenizer is given.
     """
     check_positive_int("k", k)
     name = adapter_name or model.active_adapter
-    if name not in model.input_adapters or not isinstance(model.input_adapters[name], SoftPrompt):
-        raise ValueError(f"adapter {name!r} is not a prompt-tuning adapter")
-    P = model.input_adapters[name].prompt.float()  # (L_p, d)
+    if name not in model.input_adapters or not isinstance(model.input_adapters[name], PrependedPrompt):
+        raise ValueError(f"adapter {name!r} is not a prompt-tuning or P-tuning adapter")
+    P = model.input_adapters[name].virtual_tokens().float()  # (L_p, d): P, or P-tuning's f(Z)
     E = model.get_input_embeddings().weight.float()  # (V, d)
     sims = nn.functional.normalize(P, dim=-1) @ nn.functional.normalize(E, dim=-1).T  # (L_p, V)
     values, ids = sims.topk(min(k, E.shape[0]), dim=-1)
@@ -165,4 +186,4 @@ def nearest_tokens(model, k: int = 5, tokenizer=None, adapter_name: str | None =
     return ids, values, [tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
 
 
-__all__ = ["PromptTuningConfig", "SoftPrompt", "nearest_tokens"]
+__all__ = ["PromptTuningConfig", "PrependedPrompt", "SoftPrompt", "nearest_tokens"]
