@@ -80,3 +80,17 @@ def saved_selection(path) -> dict[str, torch.Tensor]:
             owner, local = key.split(".sparse_index.")
             out[f"{owner}.{local.replace('__', '.')}"] = value
     return out
+
+
+def soft_prompt_greedy(base, prompt, x, mask, steps: int) -> torch.Tensor:
+    """Greedy decoding by full forward passes (no cache) on [P; E(x)] for a soft prompt P (L_p, d), positions
+    counted over the unpadded tokens: the reference for prompt tuning's and P-tuning's generate."""
+    L = prompt.shape[-2]
+    ids = x
+    for _ in range(steps):
+        full = torch.cat([torch.ones(len(x), L, dtype=mask.dtype), mask], 1)
+        emb = torch.cat([prompt.expand(len(x), -1, -1), base.get_input_embeddings()(ids)], 1)
+        logits = base(inputs_embeds=emb, attention_mask=full, position_ids=(full.cumsum(1) - 1).clamp(min=0)).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from conftest import soft_prompt_greedy, tiny_bert, tiny_gpt2, tiny_llama
 
 import minipeft as mp
 from minipeft.additive import PTuningConfig, nearest_tokens, p_tuning_parameter_count, to_prompt_tuning
@@ -191,18 +191,6 @@ def test_to_prompt_tuning_is_peft_compact_form():
     assert ids.shape == (L, 2) and torch.equal(ids, nearest_tokens(model, k=2, adapter_name=name)[0])
 
 
-def reference_greedy(base, prompt, x, mask, steps):
-    """Greedy decoding by full forward passes (no cache) on [P; E(x)], positions skipping the padding."""
-    ids = x
-    for _ in range(steps):
-        full = torch.cat([torch.ones(len(x), L, dtype=mask.dtype), mask], 1)
-        emb = torch.cat([prompt.expand(len(x), -1, -1), base.get_input_embeddings()(ids)], 1)
-        logits = base(inputs_embeds=emb, attention_mask=full, position_ids=(full.cumsum(1) - 1).clamp(min=0)).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids
-
-
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_generate_left_padding(make):
     model = mp.wrap(make(), PTuningConfig(num_virtual_tokens=L, encoder_type="lstm")).eval()
@@ -211,7 +199,7 @@ def test_generate_left_padding(make):
     assert out.shape == (2, 7 + 6) and torch.equal(out[:, :7], x)
     with torch.no_grad():
         P = model.input_adapters["default"].virtual_tokens()
-        assert torch.equal(out, reference_greedy(model.base_model, P, x, mask, 6))
+        assert torch.equal(out, soft_prompt_greedy(model.base_model, P, x, mask, 6))
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_virtual_tokens=0), dict(encoder_type="gru"), dict(encoder_type=3),

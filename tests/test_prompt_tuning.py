@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from conftest import soft_prompt_greedy
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
 
@@ -72,18 +73,6 @@ def test_bert_classification_matches_peft():
     assert torch.allclose(a.logits, b.logits, atol=1e-5, rtol=0) and abs(a.loss.item() - b.loss.item()) <= 1e-5
 
 
-def reference_greedy(base, prompt, x, mask, steps):
-    """Greedy decoding by full forward passes (no cache) on [P; E(x)], positions skipping the padding."""
-    ids, mask = x, mask
-    for _ in range(steps):
-        full = torch.cat([torch.ones(len(x), L, dtype=mask.dtype), mask], 1)
-        emb = torch.cat([prompt.expand(len(x), -1, -1), base.get_input_embeddings()(ids)], 1)
-        logits = base(inputs_embeds=emb, attention_mask=full, position_ids=(full.cumsum(1) - 1).clamp(min=0)).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids
-
-
 @pytest.mark.parametrize("make", [llama, gpt2])
 def test_generate_left_padding(make):
     model, ref = with_peft(make())
@@ -91,7 +80,7 @@ def test_generate_left_padding(make):
     out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert out.shape == (2, 7 + 6) and torch.equal(out[:, :7], x)
     with torch.no_grad():
-        expected = reference_greedy(model.base_model, model.input_adapters["default"].prompt, x, mask, 6)
+        expected = soft_prompt_greedy(model.base_model, model.input_adapters["default"].prompt, x, mask, 6)
     assert torch.equal(out, expected)
     # the first new token's scores equal peft's. Only the prefill is compared: with transformers 5, peft's
     # later cached steps drift from its own forward (by 0.03-0.3 in logits). Only the unpadded row: peft counts
