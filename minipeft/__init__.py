@@ -18,6 +18,8 @@ from .selective import (BitFitConfig, FISHConfig, ID3Config, PaFiConfig, RandomM
 from . import selective  # noqa: E402
 from .quant import QLoRAConfig  # noqa: E402
 from . import data, figures, runs, zoo  # noqa: E402
+from .heads import PooledCollator, PooledModel, pool  # noqa: E402
+from . import heads, mi  # noqa: E402
 from .train import Trainer  # noqa: E402
 from .evaluate import evaluate, interval  # noqa: E402
 
@@ -26,4 +28,5 @@ __all__ = ["wrap", "load_adapter", "PeftModel", "PeftConfig", "AdapterLayer", "M
            "LoRAFAConfig", "VeRAConfig", "MELoRAConfig", "MoSLoRAConfig", "MonteCLoRAConfig", "PropulsionConfig",
            "RoCoFTConfig", "AdapterConfig", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "IA3Config",
            "BitFitConfig", "SparseConfig", "FISHConfig", "PaFiConfig", "ID3Config", "RandomMaskConfig", "QLoRAConfig",
-           "selective", "data", "figures", "runs", "zoo", "Trainer", "evaluate", "interval"]
+           "selective", "data", "figures", "runs", "zoo", "Trainer", "evaluate", "interval",
+           "PooledModel", "PooledCollator", "pool", "heads", "mi"]

@@ -58,3 +58,29 @@ def accuracy(predictions: list[int], examples: list[dict]) -> dict:
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
     hits = [int(p) == ex["label"] for p, ex in zip(predictions, examples)]
     return {"accuracy": 100.0 * sum(hits) / max(len(hits), 1)}
+
+
+# ---- the same sentences with the label as words to generate ------------------------------------------
+def as_words(example: dict) -> dict:
+    """The example with a generation prompt and the label word as target: "Sentence: ... Sentiment:" →
+    " positive" / " negative" (the label as tokens, for a causal LM; the pooled-head comparison)."""
+    return dict(example, prompt=f"Sentence: {example['text']} Sentiment:", target=" " + LABELS[example["label"]])
+
+
+def generate_words(n: int, seed: int) -> list[dict]:
+    """The same examples as `generate(n, seed)`, in the same order (so the same splits), as `as_words`."""
+    return [as_words(ex) for ex in generate(n, seed)]
+
+
+def label_word(text: str) -> int | None:
+    """The class whose word starts a generation (" positive ..." → 1), or None."""
+    words = text.strip().split()
+    return LABELS.index(words[0]) if words and words[0] in LABELS else None
+
+
+def word_accuracy(predictions: list[str], examples: list[dict]) -> dict:
+    """Accuracy in % of generated label words (the first word must be the label's word)."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    hits = [label_word(p) == ex["label"] for p, ex in zip(predictions, examples)]
+    return {"accuracy": 100.0 * sum(hits) / max(len(hits), 1)}
