@@ -14,6 +14,7 @@ from .lora_fa_vera import check_lora_fa_grad, check_vera_delta, check_vera_linea
 from .melora_moslora import check_melora_branch, check_melora_delta, check_moslora_linear
 from .monteclora import check_bartlett_wishart, check_dirichlet_kl, check_monteclora_layer
 from .prompt_tuning import check_nearest_tokens, check_prepend_prompt, check_text_init
+from .prediction_heads import check_mi_estimate, check_pooling, check_regression_head
 from .prefix_tuning import check_prefix_attention, check_prefix_lambda
 from .qlora import check_blockwise_absmax, check_nf4_codes, check_pack_4bit
 from .rocoft_propulsion import check_propulsion_grad, check_propulsion_merge, check_rocoft_linear
@@ -33,4 +34,5 @@ __all__ = ["run_checks",
            "check_melora_delta", "check_melora_branch", "check_moslora_linear",           # MELoRA, MoSLoRA
            "check_bartlett_wishart", "check_dirichlet_kl", "check_monteclora_layer",      # MonteCLoRA
            "check_rocoft_linear", "check_propulsion_merge", "check_propulsion_grad",      # RoCoFT, Propulsion
-           "check_diagonal_fisher", "check_top_k_mask", "check_id3_step"]                 # FISH, PaFi, ID3
+           "check_diagonal_fisher", "check_top_k_mask", "check_id3_step",                 # FISH, PaFi, ID3
+           "check_pooling", "check_regression_head", "check_mi_estimate"]                 # prediction heads
