@@ -33,7 +33,9 @@ applies unchanged: wrap the pooled model and train the head in full with `module
     model = mp.wrap(pooled, mp.LoRAConfig(r=8, target=["q_proj", "v_proj"], modules_to_save=["score"]))
 
 so `mp.Trainer` trains it (the output has `.loss`) and `save_adapter` / `load_adapter` save and restore
-the head with the adapter (to load, build the same `PooledModel` first, as for any base). An input method
+the head with the adapter (to load, build the same `PooledModel` first, as for any base). The pooled model
+shares the body's modules with `lm` (wrapping changes them in place, as for any base): load the LM again
+for a second model, e.g. the generating one it is compared with. An input method
 (prompt tuning) prepends its virtual tokens to the mask too: "last" and "mean" then see them as real
 positions, and "first" reads the first virtual token (as peft's prompt tuning does with a BERT pooler).
 """
