@@ -40,8 +40,6 @@ import math
 import numpy as np
 import torch
 
-KNOWN_CASES = ("gaussian", "binary_gaussian", "dpi_gaussian")
-
 
 def _numpy(x) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
