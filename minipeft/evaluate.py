@@ -69,8 +69,8 @@ def pooled_predictions(model, tokenizer, task, examples: list[dict], batch_size:
     if task.name == "arithmetic":
         preds = [str(i) for i in ids.tolist()]
     elif task.kind == "generation":  # sentiment_words: the label's word
-        from .data.sentiment import LABELS
-        preds = [LABELS[i] for i in ids.tolist()]
+        from .data.sentiment import WORDS
+        preds = [WORDS[i] for i in ids.tolist()]
     else:
         preds = ids.tolist()
     return preds, extra

@@ -141,6 +141,11 @@ class PooledModel(nn.Module):
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()
 
+    @property
+    def base_model(self):
+        """The transformer body, under transformers' name for it (prefix tuning checks that it takes a cache)."""
+        return self.backbone
+
     def check_labels(self, labels: torch.Tensor, batch: int) -> None:
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},) (one per example), got {tuple(labels.shape)}")

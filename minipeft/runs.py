@@ -53,6 +53,31 @@ RUNS = {
     "sentiment/adapter": dict(_SENTIMENT, method=dict(method="adapter", bottleneck=16,
                                                       modules_to_save=["classifier"]), lr=1e-2),
 }
+
+# Predicting through generation (book/prediction_heads.md): one backbone (tiny-llama), one budget, the answer
+# generated as tokens ("generate") or read from the last token's pooled state by a linear head
+# ("classification", "regression"; minipeft.heads). Each method keeps one lr for every head; two seeds each.
+HEADS = ("generate", "classification", "regression")
+HEAD_METHODS = {
+    "full": (None, 1e-3),
+    "lora": (dict(method="lora", **_LORA), 3e-3),
+    "melora": (dict(method="melora", r=8, n=4, alpha=32, target="all-linear"), 3e-3),
+    "rocoft": (dict(method="rocoft", k=3), 1e-2),
+}
+HEAD_SEEDS = (0, 1)
+_HEAD_TASKS = {  # task: (recipe, heads)
+    "arithmetic": (dict(base="tiny-llama", task="arithmetic", steps=600, batch_size=16, checkpoints=()), HEADS),
+    "sentiment_words": (dict(base="tiny-llama", task="sentiment_words", steps=150, batch_size=16, checkpoints=()),
+                        HEADS[:2]),
+}
+for _task, (_rec, _heads) in _HEAD_TASKS.items():
+    for _m, (_cfg, _lr) in HEAD_METHODS.items():
+        for _head in _heads:
+            for _seed in HEAD_SEEDS:
+                RUNS[f"heads/{_task}/{_m}/{_head}/{_seed}"] = dict(_rec, method=_cfg, lr=_lr, head=_head, seed=_seed)
+# the strongest pooled head trained 4 times as long: is it just slower than the generator?
+RUNS["heads-long/arithmetic/full/classification/0"] = dict(RUNS["heads/arithmetic/full/classification/0"], steps=2400,
+                                                           checkpoints=(600, 1200))
 DEFAULTS = dict(seed=0, schedule="linear", warmup=0.06)
 
 
@@ -119,6 +144,12 @@ def _base(rec: dict):
     from .data import get_task
 
     task = get_task(rec["task"])
+    if rec.get("head", "generate") != "generate":  # a pooled head on the LM's body, its init from the seed
+        from .heads import PooledModel
+
+        lm, tok = zoo.load(rec["base"])
+        torch.manual_seed(rec["seed"])
+        return PooledModel.for_task(lm, task, kind=rec["head"], pooling=rec.get("pooling", "last")), tok
     if task.kind == "classification":  # the fresh head's init comes from the run's seed
         return zoo.load(rec["base"], num_labels=task.num_labels, seed=rec["seed"])
     return zoo.load(rec["base"])
@@ -129,6 +160,11 @@ def _save_weights(model, out: Path) -> None:
 
     if isinstance(model, PeftModel):
         model.save_adapter(out)
+    elif not hasattr(model, "save_pretrained"):  # a fully fine-tuned PooledModel: body and head
+        from safetensors.torch import save_model
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(out / "model.safetensors"))
     else:
         with zoo.quiet_transformers(bars=False):
             model.save_pretrained(out)  # safetensors + config.json
@@ -142,6 +178,11 @@ def _load_weights(rec: dict, where: Path):
     base, tok = _base(rec)
     if rec["method"] is not None:
         return load_adapter(base, where), tok
+    if not hasattr(base, "save_pretrained"):  # a fully fine-tuned PooledModel
+        from safetensors.torch import load_model
+
+        load_model(base, str(where / "model.safetensors"))
+        return base.eval(), tok
     cls = AutoModelForSequenceClassification if hasattr(base, "classifier") else AutoModelForCausalLM
     with zoo.quiet_transformers(bars=False):
         model = cls.from_pretrained(where)
@@ -153,6 +194,7 @@ def _train(name: str, rec: dict, out: Path) -> None:
     from .config import config_from_dict
     from .data import collator, get_task, load
     from .evaluate import evaluate
+    from .heads import PooledCollator
     from .model import wrap
     from .train import Trainer
 
@@ -161,10 +203,13 @@ def _train(name: str, rec: dict, out: Path) -> None:
     torch.set_num_threads(zoo.BUILD_THREADS)  # the same numbers on every CPU machine (see zoo.BUILD_THREADS)
     try:
         model, tok = _base(rec)
+        pooled = rec.get("head", "generate") != "generate"
         if rec["method"] is not None:
+            method = dict(rec["method"], modules_to_save=["score"]) if pooled else rec["method"]
             torch.manual_seed(rec["seed"])  # the adapter's init comes from the run's seed: a chapter can rebuild it
-            model = wrap(model, config_from_dict(rec["method"]))
+            model = wrap(model, config_from_dict(method))
         task = get_task(rec["task"])
+        collate = PooledCollator(tok, rec["head"]) if pooled else collator(task.name, tok)
         scores = {}
 
         class Checkpoints:  # test score and weights at each checkpoint step
@@ -173,7 +218,7 @@ def _train(name: str, rec: dict, out: Path) -> None:
                     scores[trainer.step] = evaluate(model, tok, task)[task.metric_name]
                     _save_weights(model, out / f"step-{trainer.step}")
 
-        trainer = Trainer(model, load(task.name, "train"), collate_fn=collator(task.name, tok), lr=rec["lr"],
+        trainer = Trainer(model, load(task.name, "train"), collate_fn=collate, lr=rec["lr"],
                           max_steps=rec["steps"], batch_size=rec["batch_size"], schedule=rec["schedule"],
                           warmup=rec["warmup"], seed=rec["seed"], callbacks=[Checkpoints()], progress=False)
         t0 = time.perf_counter()

@@ -179,9 +179,16 @@ def toy_collate(examples, kind="classification"):
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e["label"] for e in examples], dtype=dtype)}
 
 
-CONFIGS = {
-    "lora": lambda: mp.LoRAConfig(r=4, alpha=8, target=["q_proj", "v_proj"], modules_to_save=["score"]),
-    "prompt_tuning": lambda: mp.PromptTuningConfig(num_virtual_tokens=4, modules_to_save=["score"]),
+HEAD = dict(modules_to_save=["score"])
+CONFIGS = {  # one of each family: the head trains in full next to every kind of adapter (BitFit: Llama has no bias)
+    "lora": lambda: mp.LoRAConfig(r=4, alpha=8, target=["q_proj", "v_proj"], **HEAD),
+    "dora": lambda: mp.DoRAConfig(r=4, alpha=8, target=["q_proj", "v_proj"], **HEAD),
+    "melora": lambda: mp.MELoRAConfig(r=2, n=2, alpha=8, target=["q_proj", "v_proj"], **HEAD),
+    "rocoft": lambda: mp.RoCoFTConfig(k=2, **HEAD),
+    "ia3": lambda: mp.IA3Config(**HEAD),
+    "adapter": lambda: mp.AdapterConfig(bottleneck=4, **HEAD),
+    "prompt_tuning": lambda: mp.PromptTuningConfig(num_virtual_tokens=4, **HEAD),
+    "prefix_tuning": lambda: mp.PrefixTuningConfig(num_virtual_tokens=4, **HEAD),
 }
 
 
@@ -194,7 +201,9 @@ def test_trainer_and_adapter_files(method, kind, tmp_path):
     model = mp.wrap(pooled, CONFIGS[method]())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(".score.copies.default." in n for n in trainable)  # the head trains in full ...
-    assert all(("lora_" in n) or ("input_adapters" in n) or (".score." in n) for n in trainable)  # ... and only it
+    adapter = {id(p) for _, p in model.adapter_parameters("default")}
+    assert all(id(p) in adapter or ".score.copies.default." in n  # ... next to the adapter, and nothing else
+               for n, p in model.named_parameters() if p.requires_grad)
     assert pooled_of(model) is pooled
     exs = toy_examples()
     trainer = mp.Trainer(model, exs, collate_fn=lambda b: toy_collate(b, kind), lr=1e-2, max_steps=12,
@@ -233,7 +242,7 @@ def test_task_labels():
     assert all(a["text"] == b["text"] and a["label"] == b["label"] for a, b in same)
     words = data.load("sentiment_words", "test", n=4)
     assert [data.get_task("sentiment_words").metric([ex["target"] for ex in words], words)["accuracy"]] == [100.0]
-    assert data.get_task("sentiment_words").metric([" positive", " positive x", "", "neg"], words)["accuracy"] == \
+    assert data.get_task("sentiment_words").metric([" good", " good x", "", "ba"], words)["accuracy"] == \
         100.0 * sum(ex["label"] == 1 for ex in words[:2]) / 4
 
 

@@ -50,3 +50,34 @@ def test_a_run_trains_once_and_its_checkpoints_load(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="checkpoints at steps"):
         run.load(step=3)
     assert json.loads((run.path / "done.json").read_text())["recipe"]["steps"] == 4
+
+
+@pytest.mark.parametrize("name", ["heads/arithmetic/lora/regression/0", "heads/sentiment_words/full/classification/1"])
+def test_a_pooled_head_run_loads_back_with_its_head(tmp_path, monkeypatch, name):
+    # a pooled readout: the head is trained (modules_to_save, or in full) and comes back with the weights
+    monkeypatch.setattr(runs, "runs_dir", lambda: tmp_path)
+    run = runs.get(name, steps=3, batch_size=4)
+    model, tok = run.load()
+    pooled = mp.heads.pooled_of(model)
+    assert pooled is not None and pooled.kind == run.recipe["head"]
+    metric = mp.data.get_task(run.recipe["task"]).metric_name
+    again = mp.evaluate(model, tok, run.recipe["task"])
+    assert again[metric] == pytest.approx(run.metrics[metric])
+    if pooled.kind == "regression":
+        assert again["mae"] == pytest.approx(run.metrics["mae"], rel=1e-4)
+    fresh = runs._base(run.recipe)[0].score.weight  # the head's init from the seed, before training
+    assert not torch.equal(pooled.score.weight.detach().cpu(), fresh), "the trained head was not saved/loaded"
+
+
+def test_every_head_recipe_has_a_seed_spread():
+    # each (task, method, readout) is trained with every seed in HEAD_SEEDS, on one budget per task
+    names = [n for n in runs.names() if n.startswith("heads/")]
+    groups = {}
+    for n in names:
+        _, task, method, head, seed = n.split("/")
+        groups.setdefault((task, method, head), set()).add(int(seed))
+        rec = runs.recipe(n)
+        assert rec["head"] == head and rec["seed"] == int(seed)
+    assert all(seeds == set(runs.HEAD_SEEDS) for seeds in groups.values()) and len(runs.HEAD_SEEDS) >= 2
+    steps = {(t, runs.recipe(f"heads/{t}/{m}/{h}/0")["steps"]) for t, m, h in groups}
+    assert len(steps) == len({t for t, _, _ in groups}), f"one budget per task, got {steps}"

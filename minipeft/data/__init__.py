@@ -37,7 +37,7 @@ TASKS = {
                        "exact_match", (3000, 200, 500), max_new_tokens=32),
     "sentiment": Task("sentiment", "classification", sentiment.generate, sentiment.accuracy,
                       "accuracy", (2000, 200, 500), num_labels=2),
-    # the same sentences, the label generated as a word (" positive" / " negative") by a causal LM
+    # the same sentences, the label generated as a word (" good" / " bad") by a causal LM
     "sentiment_words": Task("sentiment_words", "generation", sentiment.generate_words, sentiment.word_accuracy,
                             "accuracy", (2000, 200, 500), max_new_tokens=8, num_labels=2),
     "e2e": Task("e2e", "generation", e2e.generate, e2e.bleu, "bleu", (1500, 100, 200),

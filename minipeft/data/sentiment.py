@@ -61,10 +61,15 @@ def accuracy(predictions: list[int], examples: list[dict]) -> dict:
 
 
 # ---- the same sentences with the label as words to generate ------------------------------------------
+# The label words a causal LM generates: words of the pretraining corpus, one token each in the zoo's
+# tokenizer (" positive" / " negative" never occur there and take six character pieces each).
+WORDS = ("bad", "good")
+
+
 def as_words(example: dict) -> dict:
-    """The example with a generation prompt and the label word as target: "Sentence: ... Sentiment:" →
-    " positive" / " negative" (the label as tokens, for a causal LM; the pooled-head comparison)."""
-    return dict(example, prompt=f"Sentence: {example['text']} Sentiment:", target=" " + LABELS[example["label"]])
+    """The example with a generation prompt and the label's word as target: "Sentence: ... Sentiment:" →
+    " good" / " bad" (the label as a token, for a causal LM; the pooled-head comparison)."""
+    return dict(example, prompt=f"Sentence: {example['text']} Sentiment:", target=" " + WORDS[example["label"]])
 
 
 def generate_words(n: int, seed: int) -> list[dict]:
@@ -73,9 +78,9 @@ def generate_words(n: int, seed: int) -> list[dict]:
 
 
 def label_word(text: str) -> int | None:
-    """The class whose word starts a generation (" positive ..." → 1), or None."""
+    """The class whose word starts a generation (" good ..." → 1), or None."""
     words = text.strip().split()
-    return LABELS.index(words[0]) if words and words[0] in LABELS else None
+    return WORDS.index(words[0]) if words and words[0] in WORDS else None
 
 
 def word_accuracy(predictions: list[str], examples: list[dict]) -> dict:
