@@ -69,3 +69,54 @@ def test_key_bias_shift():
     assert check_key_bias_shift(shift_ok)
     assert not check_key_bias_shift(shift_per_key)
     assert not check_key_bias_shift(shift_unscaled)
+
+
+# ---- second correct answers, more mistakes, and raising answers ------------------------------------------
+def count_by_last_name(model):  # a second correct count
+    total = 0
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] == "bias":
+            total += p.numel()
+    return total
+
+
+def count_state_dict(model):  # counts a registered buffer named bias (old GPT-2's causal mask) as well
+    return sum(t.numel() for n, t in model.state_dict().items() if n.endswith("bias"))
+
+
+def test_count_biases_more():
+    assert check_count_biases(count_by_last_name)
+    report = check_count_biases(count_state_dict)
+    assert [ok for _, ok in report] == [True, True, True, False]
+    assert not any(ok for _, ok in check_count_biases(lambda m: 1 / 0))
+
+
+def mark_freeze_then_unfreeze(model):  # a second correct answer
+    model.requires_grad_(False)
+    for module in model.modules():
+        if getattr(module, "bias", None) is not None:
+            module.bias.requires_grad_(True)
+
+
+def test_biases_only_more(capsys):
+    assert check_biases_only(mark_freeze_then_unfreeze)
+
+    def raises(model):
+        model.no_such_method()
+    report = check_biases_only(raises)  # a FAIL with the error, not a traceback
+    assert not any(ok for _, ok in report) and "AttributeError" in capsys.readouterr().out
+
+
+def shift_outer(Q, b_k):  # a second correct answer: an outer product with a row of ones
+    return torch.outer(Q @ b_k, torch.ones(7, dtype=Q.dtype)) / Q.shape[-1] ** 0.5
+
+
+def shift_new_logits(Q, b_k):  # the new logits, not their change
+    K = torch.zeros(7, Q.shape[-1], dtype=Q.dtype)
+    return Q @ (K + b_k).T
+
+
+def test_key_bias_shift_more():
+    assert check_key_bias_shift(shift_outer)
+    assert not check_key_bias_shift(shift_new_logits)
+    assert not any(ok for _, ok in check_key_bias_shift(lambda Q, b: Q @ b @ b @ b))  # raises: shapes

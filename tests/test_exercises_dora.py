@@ -29,7 +29,12 @@ def decompose_normalize(W):  # a second correct answer: F.normalize and an expli
     return (W * W).sum(dim=1).sqrt(), F.normalize(W, dim=1)
 
 
-@pytest.mark.parametrize("fn", [decompose_norm, decompose_normalize])
+def decompose_in_place(W):  # a third: divide the given tensor in place, vector_norm over the last dim
+    m = torch.linalg.vector_norm(W, dim=-1)
+    return m, W.div_(m.unsqueeze(1))
+
+
+@pytest.mark.parametrize("fn", [decompose_norm, decompose_normalize, decompose_in_place])
 def test_weight_norm_correct_passes(fn):
     assert check_weight_norm(fn)
 
@@ -38,11 +43,24 @@ def test_weight_norm_correct_passes(fn):
     (lambda W: (W.norm(dim=0), W / W.norm(dim=0, keepdim=True)), [False, False, False]),  # column norm
     (lambda W: (W.norm().expand(W.shape[0]), W / W.norm()), [True, False, False]),        # Frobenius norm
     (lambda W: (W.norm(dim=1), W), [True, False, False]),                                 # D not normalised
+    (lambda W: (W.norm(dim=1, keepdim=True), W / W.norm(dim=1, keepdim=True)), [False, True, True]),  # keepdim m
+    (lambda W: decompose_norm(W)[::-1], [False, False, False]),                           # (D, m): wrong order
 ])
 def test_weight_norm_broken_fails(fn, expected):
     report = check_weight_norm(fn)
     assert not report
     assert results(report) == expected
+
+
+def test_weight_norm_shape_named(capsys):
+    check_weight_norm(lambda W: (W.norm(dim=1, keepdim=True), W / W.norm(dim=1, keepdim=True)))
+    assert "m has shape (7, 1); expected (d_out,) = (7,)" in capsys.readouterr().out
+
+
+def test_weight_norm_raising_is_a_fail(capsys):
+    report = check_weight_norm(lambda W: W.norm(dim=2))  # IndexError inside the learner's code
+    assert not report and not any(results(report))
+    assert "IndexError" in capsys.readouterr().out
 
 
 # -- exercise 2: a DoRA layer ----------------------------------------------------------------------
@@ -89,7 +107,28 @@ class DenseDoRA(nn.Module):
         return F.linear(x, W, self.base_layer.bias)
 
 
-@pytest.mark.parametrize("cls", [EfficientDoRA, DenseDoRA])
+class PeftFormulaDoRA(nn.Module):
+    """A third correct answer: peft's rearranged forward base(x) + (m/n − 1)·W0 x + (m/n)·s·BAx, and the other
+    zero-product init (A = 0, B random), which the text allows: it starts at the base layer too."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad = False
+        self.A = nn.Parameter(torch.zeros(r, base.in_features))
+        self.B = nn.Parameter(torch.randn(base.out_features, r) * 0.1)
+        self.m = nn.Parameter(torch.sqrt((base.weight.detach() ** 2).sum(1)))
+        self.s = alpha / r
+
+    def forward(self, x):
+        with torch.no_grad():
+            n = torch.linalg.norm(self.base.weight + self.s * torch.matmul(self.B, self.A), dim=1)
+        k = self.m / n
+        return self.base(x) + (k - 1) * F.linear(x, self.base.weight) + k * (self.s * (x @ self.A.T) @ self.B.T)
+
+
+@pytest.mark.parametrize("cls", [EfficientDoRA, DenseDoRA, PeftFormulaDoRA])
 def test_dora_linear_correct_passes(cls):
     assert check_dora_linear(cls)
 
@@ -99,11 +138,56 @@ def test_dora_linear_correct_passes(cls):
     (lambda b, r, a: EfficientDoRA(b, r, a, norm_dim=0), [0, 3, 4]),       # column norm, not row norm
     (lambda b, r, a: EfficientDoRA(b, r, a, detach=False), [4]),           # norm not detached
     (lambda b, r, a: EfficientDoRA(b, r, a, bias_scaled=True), [3, 4]),    # bias scaled by m/n
+    (lambda b, r, a: PeftNoScale(b, r, a), [3, 4]),                         # s = α/r forgotten (with A = 0 at init)
+    (lambda b, r, a: Unfrozen(b, r, a), [1, 2]),                            # base layer left trainable
+    (lambda b, r, a: TransposedA(b, r, a), [1, 3, 4]),                      # A stored as (d_in, r)
 ])
 def test_dora_linear_broken_fails(broken, failing):
     report = check_dora_linear(broken)
     assert not report
     assert [i for i, ok in enumerate(results(report)) if not ok] == failing
+
+
+class PeftNoScale(PeftFormulaDoRA):
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        self.s = 1.0
+
+
+class Unfrozen(EfficientDoRA):
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        self.base.requires_grad_(True)
+
+
+class TransposedA(EfficientDoRA):
+    """A kept as (d_in, r) and used as x @ A: the text asks for A (r, d_in)."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        self.A = nn.Parameter(self.A.detach().T.clone())
+
+    def forward(self, x):
+        V = self.base.weight + self.s * self.B @ self.A.T
+        n = V.norm(dim=1).detach()
+        return (self.m / n) * (F.linear(x, self.base.weight) + self.s * x @ self.A @ self.B.T) + self.base.bias
+
+
+def test_dora_linear_shape_named(capsys):
+    check_dora_linear(TransposedA)
+    assert "A has shape (12, 3); expected (r, d_in) = (3, 12)" in capsys.readouterr().out
+
+
+class Raising(EfficientDoRA):
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        self.B = nn.Parameter(torch.zeros(r, base.out_features))  # B transposed: the learner's forward raises
+
+
+def test_dora_linear_raising_is_a_fail():
+    assert not check_dora_linear(Raising)  # an error in the learner's forward: FAIL lines, no traceback
+    report = check_dora_linear(lambda b, r, a: 1 / 0)  # an error in the constructor: every line fails
+    assert not any(results(report))
 
 
 # -- exercise 3: the gradients of magnitude and direction ------------------------------------------
@@ -132,6 +216,25 @@ def grads_matrix(V, m, G):  # a second correct answer: the projector I - vv^T/|v
     (lambda V, m, G: (grads_projection(V, m, G)[0], (G * V).sum(dim=1)), False),  # g_m without dividing by ‖v‖
     (lambda V, m, G: (grads_projection(V, m, G)[0] / m[:, None], grads_projection(V, m, G)[1]),
      False),                                                                     # forgot the factor m
+    (lambda V, m, G: grads_column(V, m, G), False),                              # column norms
+    (lambda V, m, G: (grads_projection(V, m, G)[0], grads_projection(V, m, G)[1][:, None]), False),  # g_m (d_out, 1)
+    (lambda V, m, G: (grads_projection(V, m, G)[0], torch.zeros(())), False),   # g_m a scalar
 ])
 def test_dora_magnitude_grad(fn, ok):
-    assert bool(check_dora_magnitude_grad(fn)) is ok
+    assert results(check_dora_magnitude_grad(fn)) == [ok]  # one line: its hint is the one shown
+
+
+def grads_column(V, m, G):  # mistake: the norm of each column of V, as in the paper's (d_in, d_out) layout
+    n = V.norm(dim=0, keepdim=True)
+    u = V / n
+    return m[:, None] / n * (G - (G * u).sum(dim=0, keepdim=True) * u), (G * u).sum(dim=1)
+
+
+def test_dora_magnitude_grad_shape_named(capsys):
+    check_dora_magnitude_grad(lambda V, m, G: (grads_projection(V, m, G)[0], grads_projection(V, m, G)[1][:, None]))
+    assert "g_m has shape (6, 1); expected m's shape (d_out,) = (6,)" in capsys.readouterr().out
+
+
+def test_dora_magnitude_grad_raising_is_a_fail():
+    report = check_dora_magnitude_grad(lambda V, m, G: (m[:, None] / V.norm(dim=1)) @ G)  # a shape error
+    assert not report and results(report) == [False]

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minipeft.exercises import check_melora_branch, check_melora_delta, check_moslora_linear
@@ -32,7 +33,12 @@ def delta_filled(A, B, scale):  # a second correct answer: fill the blocks of a 
     return dW
 
 
-@pytest.mark.parametrize("fn", [delta_block_diag, delta_filled])
+def delta_padded(A, B, scale):  # a third: each block row padded with zeros left and right, then stacked
+    n, _, k = A.shape
+    return torch.cat([F.pad(scale * B[i] @ A[i], (i * k, (n - 1 - i) * k)) for i in range(n)], dim=0)
+
+
+@pytest.mark.parametrize("fn", [delta_block_diag, delta_filled, delta_padded])
 def test_melora_delta_correct_passes(fn):
     assert check_melora_delta(fn)
 
@@ -43,10 +49,22 @@ def test_melora_delta_correct_passes(fn):
     (lambda A, B, s: s * torch.block_diag(*(B @ A).flip(0)), [2]),                   # blocks in reverse order
     (lambda A, B, s: s * torch.cat([torch.cat([B[i] @ A[j] for j in range(len(A))], 1)  # every B_i A_j: dense
                                     for i in range(len(A))], 0), [1, 2]),
+    (lambda A, B, s: s * torch.block_diag(*(A.mT @ B.mT)), [0, 1, 2]),              # ΔWᵀ: (d_in, d_out)
 ])
 def test_melora_delta_broken_fails(fn, fails):
     report = check_melora_delta(fn)
     assert not report and failing(report) == fails
+
+
+def test_melora_delta_shape_named(capsys):
+    check_melora_delta(lambda A, B, s: s * torch.block_diag(*(A.mT @ B.mT)))
+    assert "ΔW has shape (12, 8) for n=4, d_in=12, d_out=8; expected (d_out, d_in) = (8, 12)" in capsys.readouterr().out
+
+
+def test_melora_delta_raising_is_a_fail(capsys):
+    report = check_melora_delta(lambda A, B, s: s * torch.block_diag(B @ A))  # one 3-D tensor, not n matrices
+    assert not report and not any(_ok for _, _ok in report)
+    assert "RuntimeError" in capsys.readouterr().out
 
 
 # -- exercise 2: MELoRA's forward branch --------------------------------------------------------------
@@ -61,7 +79,14 @@ def branch_loop(x, A, B, scale):  # a second correct answer: the official code's
     return torch.cat([scale * (c @ A[i].T) @ B[i].T for i, c in enumerate(chunks)], dim=-1)
 
 
-@pytest.mark.parametrize("fn", [branch_einsum, branch_loop])
+def branch_bmm(x, A, B, scale):  # a third: batched matmuls over the minis, tokens flattened and restored
+    n, _, k = A.shape
+    xs = x.reshape(-1, n, k).transpose(0, 1)                  # (n, N, k)
+    y = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2)) * scale   # (n, N, d_out/n)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("fn", [branch_einsum, branch_loop, branch_bmm])
 def test_melora_branch_correct_passes(fn):
     assert check_melora_branch(fn)
 
@@ -96,6 +121,15 @@ def detached(x, A, B, scale):  # right numbers, but the factors are cut out of t
 def test_melora_branch_broken_fails(fn, fails):
     report = check_melora_branch(fn)
     assert not report and failing(report) == fails
+
+
+def test_melora_branch_raising_is_a_fail(capsys):  # subscripts written for (tokens, d_in) only: 3-D input raises
+    def two_d_only(x, A, B, scale):
+        xs = x.reshape(x.shape[0], A.shape[0], -1)
+        return scale * torch.einsum("bnr,nor->bno", torch.einsum("bnk,nrk->bnr", xs, A), B).flatten(1)
+    report = check_melora_branch(two_d_only)
+    assert failing(report) == [1]
+    assert "RuntimeError" in capsys.readouterr().out
 
 
 # -- exercise 3: a MoSLoRA layer ------------------------------------------------------------------------
@@ -137,7 +171,35 @@ class MosLinear(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_AB(self.lora_A(x))) * self.scaling
 
 
-@pytest.mark.parametrize("cls", [Mos, MosLinear])
+class MosMerged(nn.Module):
+    """A third correct answer: A and M as raw Parameters initialised like nn.Linear, the merged weight in forward."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.A = nn.Parameter(nn.Linear(base.in_features, r, bias=False).weight.detach().clone())
+        self.M = nn.Parameter(nn.Linear(r, r, bias=False).weight.detach().clone())
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.alpha, self.r = alpha, r
+
+    def forward(self, x):
+        W = self.base.weight + (self.alpha / self.r) * torch.linalg.multi_dot([self.B, self.M, self.A])
+        return F.linear(x, W, self.base.bias)
+
+
+class MosTransposedA(Mos):
+    """A stored as (d_in, r) and used as x @ A: the text asks for A (r, d_in)."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        self.A = nn.Parameter(self.A.detach().T.clone())
+
+    def forward(self, x):
+        return self.base(x) + self.s * x @ self.A @ self.M.T @ self.B.T
+
+
+@pytest.mark.parametrize("cls", [Mos, MosLinear, MosMerged])
 def test_moslora_linear_correct_passes(cls):
     assert check_moslora_linear(cls)
 
@@ -147,7 +209,26 @@ def test_moslora_linear_correct_passes(cls):
     (lambda b, r, a: Mos(b, r, a, transpose_m=True), [3]),     # the mixer applied transposed
     (lambda b, r, a: Mos(b, r, a, freeze_m=True), [2]),        # the mixer not trained
     (lambda b, r, a: Mos(b, r, 1.0), [3, 4]),                  # alpha ignored: scale 1/r
+    (MosTransposedA, [1, 2, 3, 4]),                             # A stored as (d_in, r)
+    (lambda b, r, a: Mos(b.requires_grad_(True), r, a).requires_grad_(True), [2]),  # base left trainable
 ])
 def test_moslora_linear_broken_fails(broken, fails):
     report = check_moslora_linear(broken)
     assert not report and failing(report) == fails
+
+
+def test_moslora_linear_shape_named(capsys):
+    check_moslora_linear(MosTransposedA)
+    assert "A has shape (12, 3); expected (r, d_in) = (3, 12)" in capsys.readouterr().out
+
+
+class MosMixerLast(Mos):
+    def forward(self, x):  # the mixer after B: (.., d_out) @ (r, r) raises in the learner's forward
+        return self.base(x) + self.s * x @ self.A.T @ self.B.T @ self.M.T
+
+
+def test_moslora_linear_raising_is_a_fail():
+    report = check_moslora_linear(MosMixerLast)
+    assert not report
+    report = check_moslora_linear(lambda b, r, a: Mos(b, r))  # the constructor raises (a missing argument)
+    assert not any(ok for _, ok in report)

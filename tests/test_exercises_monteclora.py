@@ -48,7 +48,27 @@ def bartlett_no_sqrt(r, df):  # mistake: χ² on the diagonal of L instead of �
     return L @ L.T
 
 
-@pytest.mark.parametrize("fn", [bartlett, gram])
+def bartlett_gamma(r, df):  # a third: χ²(k) drawn as 2·Gamma(k/2, 1), L filled by index, Z = Σ_k L[:, k] L[:, k]ᵀ
+    L = torch.zeros(r, r)
+    L[range(r), range(r)] = (2 * torch.distributions.Gamma(torch.arange(df, df - r, -1.0) / 2, 1.0).sample()).sqrt()
+    rows, cols = torch.tril_indices(r, r, -1)
+    L[rows, cols] = torch.randn(len(rows))
+    return torch.einsum("ik,jk->ij", L, L)
+
+
+def bartlett_off_by_one(r, df):  # mistake: χ²(df − i − 1), i.e. counting i from 1
+    chi2 = torch.distributions.Chi2(torch.tensor([df - i for i in range(1, r + 1)], dtype=torch.float)).sample()
+    L = torch.diag(chi2.sqrt()) + torch.randn(r, r).tril(-1)
+    return L @ L.T
+
+
+def bartlett_upper(r, df):  # mistake: the normals above the diagonal (L upper-triangular), Z = L Lᵀ
+    chi2 = torch.distributions.Chi2(torch.tensor([df - i for i in range(r)], dtype=torch.float)).sample()
+    L = torch.diag(chi2.sqrt()) + torch.randn(r, r).triu(1)
+    return L @ L.T
+
+
+@pytest.mark.parametrize("fn", [bartlett, gram, bartlett_gamma])
 def test_bartlett_correct_passes(fn):
     assert check_bartlett_wishart(fn)
 
@@ -57,10 +77,23 @@ def test_bartlett_correct_passes(fn):
     (bartlett_same_df, [1, 2]),
     (bartlett_returns_L, [0, 1, 2]),
     (bartlett_no_sqrt, [1, 2]),
+    (bartlett_off_by_one, [1, 2]),
+    (bartlett_upper, [1, 2]),
 ])
 def test_bartlett_broken_fails(fn, fails):
     report = check_bartlett_wishart(fn)
     assert not report and failing(report) == fails
+
+
+def test_bartlett_shape_named(capsys):  # the chi-square draws alone, not the matrix
+    report = check_bartlett_wishart(lambda r, df: torch.distributions.Chi2(torch.full((r,), float(df))).sample())
+    assert failing(report) == [0, 1, 2]
+    assert "a draw has shape (3,); expected (r, r) = (3, 3)" in capsys.readouterr().out
+
+
+def test_bartlett_raising_is_a_fail(capsys):  # Chi2 of a Python list raises inside torch.distributions
+    report = check_bartlett_wishart(lambda r, df: torch.distributions.Chi2([df - i for i in range(r)]).sample())
+    assert not report and failing(report) == [0, 1, 2]
 
 
 # -- exercise 2: the Dirichlet KL --------------------------------------------------------------------
@@ -99,7 +132,29 @@ def kl_python_floats(alpha, prior):  # mistake: math.lgamma on floats: right val
                         + sum((v - prior) * d for v, d in zip(a, dig.tolist())))
 
 
-@pytest.mark.parametrize("fn", [kl_lgamma, kl_log_beta])
+def kl_loop_double(alpha, prior):  # a third: in float64, a loop over the components, prior as a tensor
+    a = alpha.double()
+    p = torch.tensor(float(prior), dtype=torch.float64)
+    total, k = a.sum(), a.numel()
+    kl = torch.lgamma(total) - torch.lgamma(k * p)
+    for ai in a:
+        kl = kl - torch.lgamma(ai) + torch.lgamma(p) + (ai - p) * (torch.digamma(ai) - torch.digamma(total))
+    return kl
+
+
+def kl_no_sum(alpha, prior):  # mistake: the per-component terms returned without summing them
+    a0 = torch.full_like(alpha, prior)
+    return (torch.lgamma(alpha.sum()) - torch.lgamma(a0.sum()) - (torch.lgamma(alpha) - torch.lgamma(a0))
+            + (alpha - a0) * (torch.digamma(alpha) - torch.digamma(alpha.sum())))
+
+
+def kl_prior_digamma(alpha, prior):  # mistake: ψ(Σα0) of the prior in the expectation, not ψ(Σα)
+    a0 = torch.full_like(alpha, prior)
+    return (torch.lgamma(alpha.sum()) - torch.lgamma(a0.sum()) - (torch.lgamma(alpha) - torch.lgamma(a0)).sum()
+            + ((alpha - a0) * (torch.digamma(alpha) - torch.digamma(a0.sum()))).sum())
+
+
+@pytest.mark.parametrize("fn", [kl_lgamma, kl_log_beta, kl_loop_double])
 def test_dirichlet_kl_correct_passes(fn):
     assert check_dirichlet_kl(fn)
 
@@ -108,10 +163,23 @@ def test_dirichlet_kl_correct_passes(fn):
     (kl_peft_sign, [1, 2]),
     (kl_swapped, [1, 2]),
     (kl_python_floats, [2]),
+    (kl_no_sum, [0, 1, 2]),
+    (kl_prior_digamma, [1, 2]),
 ])
 def test_dirichlet_kl_broken_fails(fn, fails):
     report = check_dirichlet_kl(fn)
     assert not report and failing(report) == fails
+
+
+def test_dirichlet_kl_shape_named(capsys):
+    check_dirichlet_kl(kl_no_sum)
+    assert "the KL has shape (6,); expected a scalar" in capsys.readouterr().out
+
+
+def test_dirichlet_kl_raising_is_a_fail(capsys):  # torch.lgamma of the Python float prior raises a TypeError
+    report = check_dirichlet_kl(lambda alpha, prior: torch.lgamma(alpha.sum()) - torch.lgamma(prior * len(alpha)))
+    assert not report and failing(report) == [0, 1, 2]
+    assert "TypeError" in capsys.readouterr().out
 
 
 # -- exercise 3: a MonteCLoRA layer ----------------------------------------------------------------------
@@ -134,7 +202,7 @@ class TinyMonteCLoRA(nn.Module):
 
     def sampled_A(self):
         r, d_in = self.A.shape
-        Z = torch.distributions.Wishart(df=torch.tensor(float(r)), covariance_matrix=torch.eye(r)).sample()
+        Z = bartlett(r, r)  # the chapter draws the Wishart with exercise 1
         sigma = (torch.exp(2 * self.std_prior) * Z.diagonal()).clamp_min(1e-3)
         eps = self.c * torch.randn(self.n, d_in, r) * sigma.sqrt()
         a = self.expert_weights_prior.exp()
@@ -193,3 +261,34 @@ def test_monteclora_layer_correct_passes(cls):
 def test_monteclora_layer_broken_fails(kw, fails):
     report = check_monteclora_layer(lambda *a: TinyMonteCLoRA(*a, **kw))
     assert not report and failing(report) == fails
+
+
+class TransposedB(PeftStyleMonteCLoRA):
+    """B kept as an (r, d_out) Parameter and used as (x A_effᵀ) @ B: the text asks for B (d_out, r)."""
+
+    def __init__(self, base, r, alpha, num_samples, sample_scaler):
+        super().__init__(base, r, alpha, num_samples, sample_scaler)
+        del self.lora_B
+        self.B = nn.Parameter(torch.zeros(r, base.out_features))
+
+    def forward(self, x):
+        self.lora_B = lambda h: h @ self.B
+        return super().forward(x)
+
+
+def test_monteclora_layer_shape_named(capsys):
+    report = check_monteclora_layer(TransposedB)
+    assert failing(report) == [1, 2, 3]
+    assert "B has shape (3, 6); expected (d_out, r) = (6, 3)" in capsys.readouterr().out
+
+
+class RaisingForward(TinyMonteCLoRA):
+    def sampled_A(self):  # a shape error in the training-mode branch: (r, d_in) @ (N, 1)
+        return self.A @ torch.randn(self.n, 1)
+
+
+def test_monteclora_layer_raising_is_a_fail():
+    report = check_monteclora_layer(lambda base, r, alpha, n, c: TinyMonteCLoRA(base, r, alpha, n))  # missing c
+    assert not report and failing(report) == [0, 1, 2, 3]
+    report = check_monteclora_layer(RaisingForward)
+    assert not report and failing(report) == [2, 3]

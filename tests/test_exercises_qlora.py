@@ -77,3 +77,66 @@ def good_unpack(b):
 ])
 def test_pack_4bit(pack, unpack, expected):
     assert results(check_pack_4bit(pack, unpack)) == expected
+
+
+# ---- more correct answers, and the mistakes issue 16 found slipping through -------------------------------
+def bucket_quantize(w, code, blocksize):  # a second correct answer: midpoints between codes, clamp not where
+    x = w.reshape(-1, blocksize)
+    absmax = x.abs().max(dim=1).values
+    normed = x / absmax.clamp_min(1e-12)[:, None]   # 0 / tiny = 0 in the all-zero block
+    mids = (code[1:] + code[:-1]) / 2
+    return torch.bucketize(normed.reshape(-1), mids), absmax
+
+
+def bucket_dequantize(idx, absmax, code, blocksize):
+    return code[idx] * absmax.repeat_interleave(blocksize)
+
+
+def zero_division_quantize(w, code, blocksize):  # forgets the all-zero block: 0/0 = nan there
+    x = w.view(-1, blocksize)
+    absmax = x.abs().amax(1)
+    return ((x / absmax[:, None]).reshape(-1, 1) - code).abs().argmin(1), absmax
+
+
+def test_blockwise_absmax_second_answer_and_the_zero_block_hint(capsys):
+    assert check_blockwise_absmax(bucket_quantize, bucket_dequantize)
+    report = check_blockwise_absmax(zero_division_quantize, good_dequantize)
+    assert results(report)[1] is False
+    assert "all-zero block" in capsys.readouterr().out
+
+
+def arithmetic_pack(idx):  # a second correct answer: even codes × 16 + odd codes
+    idx = idx.to(torch.int64)
+    return (idx[0::2] * 16 + idx[1::2]).to(torch.uint8)
+
+
+def arithmetic_unpack(b):
+    b = b.to(torch.int64)
+    out = torch.empty(2 * b.numel(), dtype=torch.int64)
+    out[0::2], out[1::2] = torch.div(b, 16, rounding_mode="floor"), b % 16
+    return out
+
+
+def halves_pack(idx):  # first half of the codes in the high nibbles, second half in the low ones
+    half = idx.numel() // 2
+    return (idx[:half].to(torch.uint8) << 4) | idx[half:].to(torch.uint8)
+
+
+def halves_unpack(b):
+    return torch.cat([b >> 4, b & 15])
+
+
+@pytest.mark.parametrize("pack, unpack, expected", [
+    (arithmetic_pack, arithmetic_unpack, [True, True, True]),
+    (halves_pack, halves_unpack, [True, False, True]),          # a consistent pair, but not bitsandbytes' layout
+])
+def test_pack_4bit_more(pack, unpack, expected):
+    assert results(check_pack_4bit(pack, unpack)) == expected
+
+
+def test_a_raising_answer_is_a_fail_not_a_traceback():
+    def boom(*args):
+        return [][0]
+    assert not any(results(check_nf4_codes(boom)))
+    assert not any(results(check_blockwise_absmax(boom, boom)))
+    assert not any(results(check_pack_4bit(boom, boom)))

@@ -1,5 +1,5 @@
-"""The exercise checks of "Which weights to train" (FISH, PaFi, ID3) pass for correct solutions and fail for
-typical mistakes."""
+"""The exercise checks of "Which weights to train" (FISH, PaFi, ID3) pass for different correct solutions and
+fail, on the right line, for typical mistakes; a solution that raises gives FAIL lines, never a traceback."""
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +10,10 @@ from torch.func import functional_call, grad, vmap
 from minipeft.exercises import check_diagonal_fisher, check_id3_step, check_top_k_mask
 from minipeft.selective import fisher_scores, top_k
 from minipeft.selective.id3 import d3_scores
+
+
+def failing(report):
+    return [i for i, (_, ok) in enumerate(report) if not ok]
 
 
 # --- the diagonal Fisher -----------------------------------------------------------------------------------
@@ -46,6 +50,35 @@ def fisher_vmap(model, xs, ys):
 
     g = vmap(grad(nll), in_dims=(None, 0, 0))(params, xs, ys)
     return {n: v.square().mean(0) for n, v in g.items()}
+
+
+def fisher_backward(model, xs, ys):
+    """.backward() on each example's negative log-likelihood, .grad read and cleared; flags put back."""
+    named = list(model.named_parameters())
+    flags = [p.requires_grad for _, p in named]
+    for _, p in named:
+        p.requires_grad_(True)
+    total = [torch.zeros_like(p) for _, p in named]
+    for i in range(len(xs)):
+        for _, p in named:
+            p.grad = None
+        nn.functional.nll_loss(torch.log_softmax(model(xs[i:i + 1]), -1), ys[i:i + 1]).backward()
+        for t, (_, p) in zip(total, named):
+            t += p.grad ** 2
+    for (_, p), f in zip(named, flags):
+        p.grad = None
+        p.requires_grad_(f)
+    return {n: t / len(xs) for t, (n, _) in zip(total, named)}
+
+
+def fisher_backward_no_zero(model, xs, ys):  # .grad never cleared: each example adds to the last one's
+    named = list(model.named_parameters())
+    total = [torch.zeros_like(p) for _, p in named]
+    for i in range(len(xs)):
+        torch.log_softmax(model(xs[i:i + 1]), -1)[0, ys[i]].backward()
+        for t, (_, p) in zip(total, named):
+            t += p.grad ** 2 if p.grad is not None else 0
+    return {n: t / len(xs) for t, (n, _) in zip(total, named)}
 
 
 def fisher_package(model, xs, ys):
@@ -112,16 +145,21 @@ def fisher_leaves_flags_on(model, xs, ys):  # correct numbers, but every paramet
     return fisher_loop(model, xs, ys)
 
 
-def test_diagonal_fisher_correct():
-    assert check_diagonal_fisher(fisher_loop)
-    assert check_diagonal_fisher(fisher_vmap)
-    assert check_diagonal_fisher(fisher_package)  # the package's fisher_scores agrees with the torch.func reference
+@pytest.mark.parametrize("good", [fisher_loop, fisher_vmap, fisher_backward,
+                                  fisher_package])  # the package's fisher_scores agrees with the torch.func reference
+def test_diagonal_fisher_correct(good):
+    assert check_diagonal_fisher(good)
 
 
-@pytest.mark.parametrize("bad", [fisher_square_of_mean, fisher_of_p, fisher_no_divide, fisher_batch_loss,
-                                 fisher_abs, fisher_trainable_only, fisher_leaves_flags_on])
-def test_diagonal_fisher_mistakes(bad):
-    assert not check_diagonal_fisher(bad)
+# N = 1 cannot tell a mean from a sum, nor (mean g)² from mean(g²): those fail from the second line on
+@pytest.mark.parametrize("bad, fails", [
+    (fisher_square_of_mean, [1, 2, 3]), (fisher_no_divide, [1, 2, 3]), (fisher_batch_loss, [1, 2, 3]),
+    (fisher_backward_no_zero, [1, 2, 3]), (fisher_of_p, [0, 1, 2, 3]), (fisher_abs, [0, 1, 2, 3]),
+    (fisher_trainable_only, [3]), (fisher_leaves_flags_on, [3]),
+])
+def test_diagonal_fisher_mistakes(bad, fails):
+    report = check_diagonal_fisher(bad)
+    assert not report and failing(report) == fails
 
 
 def test_diagonal_fisher_names_the_mistake(capsys):
@@ -129,6 +167,21 @@ def test_diagonal_fisher_names_the_mistake(capsys):
     assert "looks like the square of the mean gradient" in capsys.readouterr().out
     check_diagonal_fisher(fisher_no_divide)
     assert "not divided by N" in capsys.readouterr().out
+    check_diagonal_fisher(fisher_of_p)
+    assert "looks like the gradient of the probability" in capsys.readouterr().out
+
+
+def test_diagonal_fisher_shape_and_raising(capsys):
+    # a flattened tensor per parameter: the shape is named
+    report = check_diagonal_fisher(lambda m, xs, ys: {n: f.flatten() for n, f in fisher_loop(m, xs, ys).items()})
+    assert not report and failing(report) == [0, 1, 2, 3]
+    assert "0.weight has shape (40,), the parameter's is (8, 5)" in capsys.readouterr().out
+
+    def raises(model, xs, ys):  # a whole batch where one example is expected
+        return {n: g ** 2 for n, g in zip(dict(model.named_parameters()),
+                                          torch.autograd.grad(model(xs)[:, ys].log(), list(model.parameters())))}
+    report = check_diagonal_fisher(raises)
+    assert not report and failing(report) == [0, 1, 2, 3]
 
 
 # --- the global top k --------------------------------------------------------------------------------------
@@ -155,6 +208,19 @@ def top_k_package(scores, k):
         m[idx.get(n, torch.empty(0, dtype=torch.long))] = True
         out[n] = m.view(s.shape)
     return out
+
+
+def top_k_argsort(scores, k):
+    """argsort of the concatenation, each chosen flat index mapped back to its tensor by offsets."""
+    names = list(scores)
+    sizes = torch.tensor([scores[n].numel() for n in names])
+    ends = sizes.cumsum(0)
+    order = torch.cat([scores[n].reshape(-1) for n in names]).argsort(descending=True)[:k]
+    masks = {n: torch.zeros(scores[n].numel(), dtype=torch.bool) for n in names}
+    for i in order.tolist():
+        t = int((ends <= i).sum())
+        masks[names[t]][i - (ends[t] - sizes[t])] = True
+    return {n: m.reshape(scores[n].shape) for n, m in masks.items()}
 
 
 def top_k_per_tensor(scores, k):
@@ -184,23 +250,43 @@ def top_k_drops_empty(scores, k):  # names that get nothing are left out
     return {n: m for n, m in top_k_topk(scores, k).items() if m.any()}
 
 
-def test_top_k_mask_correct():
-    for good in (top_k_topk, top_k_threshold, top_k_package):
-        assert check_top_k_mask(good), good.__name__
+@pytest.mark.parametrize("good", [top_k_topk, top_k_threshold, top_k_argsort, top_k_package])
+def test_top_k_mask_correct(good):
+    assert check_top_k_mask(good)
 
 
-@pytest.mark.parametrize("bad", [top_k_per_tensor, top_k_smallest, top_k_off_by_one, top_k_density_per_tensor,
-                                 top_k_magnitude, top_k_drops_empty])
-def test_top_k_mask_mistakes(bad):
-    assert not check_top_k_mask(bad)
+# Most mistakes show on the first line already; its detail then names the mistake (next test).
+@pytest.mark.parametrize("bad, fails", [
+    (top_k_per_tensor, [0, 1, 2, 3, 4]), (top_k_smallest, [0, 1, 2, 3, 4]), (top_k_off_by_one, [0, 1, 2, 3, 4]),
+    (top_k_density_per_tensor, [0, 1, 2, 3, 4]), (top_k_drops_empty, [0, 1, 2, 3, 4]),
+    (top_k_magnitude, [4]),  # scores are positive until the last line
+])
+def test_top_k_mask_mistakes(bad, fails):
+    report = check_top_k_mask(bad)
+    assert not report and failing(report) == fails
+
+
+@pytest.mark.parametrize("bad, named", [
+    (top_k_per_tensor, "looks like k per tensor"), (top_k_smallest, "the k smallest scores"),
+    (top_k_off_by_one, "k + 1 entries"), (top_k_magnitude, "the k largest |score|"),
+    (top_k_drops_empty, "no mask for"),
+])
+def test_top_k_mask_names_the_mistake(bad, named, capsys):
+    check_top_k_mask(bad)
+    assert named in capsys.readouterr().out
 
 
 def test_top_k_mask_wants_the_shapes(capsys):
     def flat_masks(scores, k):
         return {n: m.flatten() for n, m in top_k_topk(scores, k).items()}
 
-    assert not check_top_k_mask(flat_masks)
-    assert "has shape" in capsys.readouterr().out
+    assert failing(check_top_k_mask(flat_masks)) == [0, 1, 2, 3, 4]
+    assert "mask a has shape (20,), expected (4, 5)" in capsys.readouterr().out
+
+
+def test_top_k_mask_raising_is_a_fail():
+    report = check_top_k_mask(lambda scores, k: torch.topk(torch.cat(list(scores.values())), k))  # 2-D and 1-D
+    assert not report and failing(report) == [0, 1, 2, 3, 4]
 
 
 # --- one ID3 step ------------------------------------------------------------------------------------------
@@ -226,6 +312,21 @@ def id3_package(grads, weights, masks, k, exp, eps):
             new[idx[n]] = True
         out[n] = new.view(m.shape)
     return out
+
+
+def id3_threshold(grads, weights, masks, k, exp, eps):
+    """Chosen entries scored -1 (D3 >= 0), a threshold at the k-th largest score, the union with the masks."""
+    scores = {n: torch.where(masks[n], torch.full_like(grads[n], -1.0),
+                             grads[n].abs() * (weights[n].abs() + eps) ** -exp) for n in grads}
+    flat = torch.cat([v.flatten() for v in scores.values()])
+    kth = flat.sort().values[-k]
+    return {n: masks[n].clone() | (v >= kth) for n, v in scores.items()}
+
+
+def id3_eps_outside(grads, weights, masks, k, exp, eps):  # |g| / (|θ|**exp + eps)
+    scores = {n: (grads[n].abs() / (weights[n].abs() ** exp + eps)).masked_fill(masks[n], -1.0) for n in grads}
+    picks = top_k_topk(scores, k)
+    return {n: masks[n] | picks[n] for n in masks}
 
 
 def id3_repicks(grads, weights, masks, k, exp, eps):  # chosen entries compete again
@@ -262,19 +363,38 @@ def id3_signed_grad(grads, weights, masks, k, exp, eps):  # g instead of |g|: la
     return {n: masks[n] | p.view(masks[n].shape) for n, p in zip(grads, parts)}
 
 
-def test_id3_step_correct():
-    assert check_id3_step(id3_sort)
-    assert check_id3_step(id3_package)
+@pytest.mark.parametrize("good", [id3_sort, id3_threshold, id3_package])
+def test_id3_step_correct(good):
+    assert check_id3_step(good)
 
 
-@pytest.mark.parametrize("bad", [id3_repicks, id3_no_exp, id3_replaces, id3_per_tensor, id3_mutates, id3_signed_grad])
-def test_id3_step_mistakes(bad):
-    assert not check_id3_step(bad)
+@pytest.mark.parametrize("bad, fails", [
+    (id3_repicks, [1, 2]),              # nothing chosen on the first line: it cannot show there
+    (id3_no_exp, [1, 2]), (id3_eps_outside, [2]), (id3_replaces, [1, 2, 3]),
+    (id3_per_tensor, [0, 1, 2, 3]), (id3_mutates, [3]), (id3_signed_grad, [0, 1, 2, 3]),
+])
+def test_id3_step_mistakes(bad, fails):
+    report = check_id3_step(bad)
+    assert not report and failing(report) == fails
 
 
-def test_id3_mutation_fails_only_its_own_check():
-    report = check_id3_step(id3_mutates)
-    assert [ok for _, ok in report] == [True, True, True, False]
+@pytest.mark.parametrize("bad, named", [
+    (id3_repicks, "the chosen entries competing again"), (id3_no_exp, "exp ignored"),
+    (id3_eps_outside, "eps outside the power"), (id3_replaces, "a fresh mask of the k new entries"),
+    (id3_per_tensor, "k new entries in every tensor"), (id3_signed_grad, "the signed gradient"),
+])
+def test_id3_step_names_the_mistake(bad, named, capsys):
+    check_id3_step(bad)
+    assert named in capsys.readouterr().out
+
+
+def test_id3_step_shape_and_raising(capsys):
+    report = check_id3_step(lambda *a: {n: m.flatten() for n, m in id3_sort(*a).items()})
+    assert not report and failing(report) == [0, 1, 2, 3]
+    assert "mask layer1.weight has shape (24,), expected (6, 4)" in capsys.readouterr().out
+    report = check_id3_step(lambda grads, weights, masks, k, exp, eps: {n: masks[n] | (grads[n] > grads.kth) for n in
+                                                                          masks})  # no attribute kth
+    assert not report and failing(report) == [0, 1, 2, 3]
 
 
 def test_unstarted_stubs_are_invitations(capsys):

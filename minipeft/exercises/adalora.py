@@ -37,7 +37,8 @@ def check_sensitivity(fn):
     def call():
         out = fn(W.detach().clone(), g.clone())
         out = torch.as_tensor(out)
-        assert tuple(out.shape) == tuple(W.shape), f"shape {tuple(out.shape)}, expected w's {tuple(W.shape)}"
+        assert tuple(out.shape) == tuple(W.shape), \
+            f"I has shape {tuple(out.shape)}; expected w's shape {tuple(W.shape)}: one score per entry"
         return out.double()
 
     def shape_sign():
@@ -66,7 +67,7 @@ def check_sensitivity(fn):
         ("one score per entry, never negative", "take the absolute value of the product", shape_sign),
         ("I = |w · ∂L/∂w| (autograd)", "multiply the weight by its own gradient, entry by entry", autograd),
         ("predicts the loss change of zeroing w", "first-order Taylor: L(w=0) − L(w) ≈ −w · ∂L/∂w", taylor),
-    ])
+    ], learner=(fn,))
 
 
 def _unpack_budget(value):
@@ -112,7 +113,7 @@ def check_budget_schedule(fn):
         ("b(t) = b(T) from T − tfinal on", "the pruning window ends at T − tfinal, not at T", final),
         ("cubic decrease in between", "b(T) + (b(0) − b(T))·(1 − (t − tinit)/(T − tfinal − tinit))³, "
                                       "rounded down", cubic),
-    ])
+    ], learner=(fn,))
 
 
 def check_triplet_scores(fn):
@@ -126,7 +127,9 @@ def check_triplet_scores(fn):
 
     def call(E, A, B):
         out = torch.as_tensor(fn(E.clone(), A.clone(), B.clone()))
-        assert out.numel() == r, f"{out.numel()} scores (shape {tuple(out.shape)}), expected one per triplet: {r}"
+        assert out.numel() == r, f"{out.numel()} scores (shape {tuple(out.shape)}), expected one per triplet: " \
+            f"shape (r,) = ({r},)" + (" — s_E is (r, 1): adding an (r,) vector to it broadcasts to (r, r); "
+                                      "flatten s_E first" if tuple(out.shape) == (r, r) else "")
         return out.reshape(-1)
 
     def shape():
@@ -146,4 +149,4 @@ def check_triplet_scores(fn):
         ("S_i = s(λ_i) + mean s(Q_i,:) + mean s(P_:,i)", "average over Q's row and P's column, add λ's", values),
         ("does not grow with the width of P and Q", "mean, not sum: d_in and d_out differ across matrices",
          width_free),
-    ])
+    ], learner=(fn,))

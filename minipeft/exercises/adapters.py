@@ -35,21 +35,40 @@ def check_bottleneck_adapter(cls, d: int = 24, m: int = 6):
 
     torch.manual_seed(0)
     h = torch.randn(3, 5, d)
-    layer = cls(d, m)
-    down = lambda: _linear(layer, ["down", "adapter_down"], (m, d))  # noqa: E731
-    up = lambda: _linear(layer, ["up", "adapter_up"], (d, m))  # noqa: E731
+    made = {}
+
+    def layer(fresh=False):  # the learner's module, built inside a check (an error there is a FAIL, not a traceback)
+        if fresh or "layer" not in made:
+            torch.manual_seed(0)
+            made["layer"] = cls(d, m)
+        return made["layer"]
+
+    down = lambda: _linear(layer(), ["down", "adapter_down"], (m, d))  # noqa: E731
+    up = lambda: _linear(layer(), ["up", "adapter_up"], (d, m))  # noqa: E731
 
     def count():
-        n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        n = sum(p.numel() for p in layer().parameters() if p.requires_grad)
         want = 2 * m * d + d + m
         assert n == want, f"{n} trainable parameters, expected 2md + d + m = {want}"
 
     def near_identity():
-        out = layer(h)
+        out = layer()(h)
         assert out.shape == h.shape, f"output shape {tuple(out.shape)} != input shape {tuple(h.shape)}"
         rel = ((out - h).norm() / h.norm()).item()
-        assert 0 < rel < 1e-2, (f"at init ‖adapter(h) − h‖/‖h‖ = {rel:.2e}; expected small but not zero "
-                                f"(weights ~ N(0, 0.01²) truncated at ±2σ, biases zero)")
+        assert rel < 1e-2, (f"at init ‖adapter(h) − h‖/‖h‖ = {rel:.2e}; expected near 0 (small weights, e.g. "
+                            f"N(0, 0.01²); or W_up = 0 for exactly the identity)")
+
+    def trains():  # from the init, one gradient step must be able to move the output
+        lay = layer(fresh=True)
+        lay.zero_grad()
+        ((lay(h) - h - 1.0) ** 2).mean().backward()
+        grads = [p.grad for p in lay.parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), \
+            "no parameter gets a gradient at init: with W_down and W_up both zero the adapter can never train " \
+            "(keep at least the down projection random)"
+        Wu, _ = _linear(lay, ["up", "adapter_up"], (d, m))
+        assert Wu.grad is not None and Wu.grad.abs().sum() > 0, \
+            "W_up gets no gradient at init: the bottleneck's activations are all zero (W_down = 0?)"
 
     def residual():
         with torch.no_grad():
@@ -57,7 +76,7 @@ def check_bottleneck_adapter(cls, d: int = 24, m: int = 6):
             W.zero_()
             if b is not None:
                 b.zero_()
-        assert torch.equal(layer(h), h), "with W_up = 0 and b_up = 0 the output must be exactly h (the skip)"
+        assert torch.equal(layer()(h), h), "with W_up = 0 and b_up = 0 the output must be exactly h (the skip)"
 
     def forward():
         torch.manual_seed(1)
@@ -75,16 +94,18 @@ def check_bottleneck_adapter(cls, d: int = 24, m: int = 6):
                          (Wu, ref.adapter_up["x"].weight), (bu, ref.adapter_up["x"].bias)]:
                 p.normal_(0, 0.5)
                 q.copy_(p)
-        assert torch.allclose(layer(h), ref(h), atol=1e-5), \
+        assert torch.allclose(layer()(h), ref(h), atol=1e-5), \
             "forward is not h + W_up·GELU(W_down·h + b_down) + b_up (same weights as minipeft's adapter)"
 
     return run_checks(f"check_bottleneck_adapter({getattr(cls, '__name__', cls)})", [
         ("parameter count 2md + d + m", "down = nn.Linear(d, m), up = nn.Linear(m, d), both with bias", count),
-        ("near identity at init", "trunc_normal_(w, std=1e-2, a=-2e-2, b=2e-2) on both weights, zeros on biases",
-         near_identity),
-        ("residual connection", "return h + up(act(down(h))), not up(act(down(h)))", residual),
-        ("forward = h + W_up f(W_down h + b_down) + b_up", "use nn.GELU() between the projections", forward),
-    ])
+        ("near identity at init", "start with small weights (the paper: std 1e-2) and zero biases, so that the "
+                                  "adapter's output is close to h", near_identity),
+        ("trainable from the init", "not both projections zero: the down projection must be random", trains),
+        ("residual connection", "the adapter adds its output to its input h (the skip connection)", residual),
+        ("forward = h + W_up f(W_down h + b_down) + b_up", "the nonlinearity between the projections is GELU",
+         forward),
+    ], learner=(cls,))
 
 
 def check_adapter_count(fn, hidden: int = 40, layers: int = 3, m: int = 8):
@@ -113,6 +134,7 @@ def check_adapter_count(fn, hidden: int = 40, layers: int = 3, m: int = 8):
             assert int(fn(d2, m2, n2)) == ref, f"fn({d2}, {m2}, {n2}) = {fn(d2, m2, n2)}, expected {ref}"
 
     return run_checks("check_adapter_count", [
-        ("matches a wrapped BERT", "two adapters per block, each 2md + d + m", check),
+        ("matches a wrapped BERT", "Houlsby puts two adapters in every block; count weights and biases of both "
+                                   "projections", check),
         ("other sizes", "the formula must hold for any d, m and number of layers", other_sizes),
-    ])
+    ], learner=(fn,))

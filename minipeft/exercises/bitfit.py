@@ -48,9 +48,19 @@ def _bias_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters() if n.split(".")[-1] == "bias"}
 
 
+class _MaskedAttention(nn.Module):
+    """A layer that keeps a causal mask as a buffer named `bias`, as GPT-2's attention did in older transformers:
+    in the state_dict, not a parameter, never trained."""
+
+    def __init__(self, d: int = 8, T: int = 6):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.register_buffer("bias", torch.tril(torch.ones(T, T, dtype=torch.bool)))
+
+
 def check_count_biases(fn):
     """`fn(model) -> int`: the number of bias entries (every parameter named "bias", LayerNorm β included)."""
-    models = _models()
+    models = {**_models(), "buffer": _MaskedAttention()}
 
     def on(name):
         def check():
@@ -64,28 +74,38 @@ def check_count_biases(fn):
         ("BERT (Linear + LayerNorm biases)", "count parameters whose name ends in 'bias' "
          "(model.named_parameters()); LayerNorm's β is one of them", on("bert")),
         ("GPT-2 (Conv1D biases)", "GPT-2's layers are Conv1D, not nn.Linear: go by parameter names, not module "
-         "types; use named_parameters(), not state_dict() (a buffer is not trained)", on("gpt2")),
+         "types", on("gpt2")),
         ("Llama (no biases: 0)", "Llama's Linear layers have bias=False and RMSNorm has no β", on("llama")),
-    ])
+        ("a buffer named bias is not counted", "count parameters (named_parameters()), not state_dict() entries: "
+         "a registered buffer such as a causal mask called `bias` is saved but never trained", on("buffer")),
+    ], learner=(fn,))
 
 
 def check_biases_only(fn, steps: int = 3):
     """`fn(model)` marks the biases trainable and everything else frozen, for a plain PyTorch training loop."""
     model = _models()["bert"]
-    fn(model)
     biases = _bias_names(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    marked = []
+
+    def mark():  # the learner's function runs inside the first check: an error there is a FAIL with a hint
+        if not marked:
+            marked.append(True)
+            fn(model)
 
     def pattern():
+        mark()
         wrong = [n for n, p in model.named_parameters() if p.requires_grad != (n in biases)]
         assert not wrong, f"requires_grad is wrong for {wrong[:4]}" + (" ..." if len(wrong) > 4 else "")
 
     def count():
+        mark()
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         want = sum(p.numel() for n_, p in model.named_parameters() if n_ in biases)
         assert n == want, f"{n} trainable entries, the biases hold {want}"
 
     def training():
+        mark()
         torch.manual_seed(1)
         x, y = torch.randint(0, 50, (8, 10)), torch.randint(0, 2, (8,))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
@@ -104,7 +124,7 @@ def check_biases_only(fn, steps: int = 3):
          "p.requires_grad = name ends with 'bias'", pattern),
         ("trainable count = bias count", "freeze every weight, LayerNorm γ and the embeddings too", count),
         ("training changes only biases", "build the optimizer from the parameters that require grad", training),
-    ])
+    ], learner=(fn,))
 
 
 def check_key_bias_shift(fn, T_q: int = 5, T_k: int = 7, d: int = 8):
@@ -133,12 +153,12 @@ def check_key_bias_shift(fn, T_q: int = 5, T_k: int = 7, d: int = 8):
         assert torch.allclose(out0, out1, atol=1e-10), "PyTorch's attention changed with b_k (unexpected)"
 
     return run_checks(f"check_key_bias_shift({getattr(fn, '__name__', fn)})", [
-        ("shift = (Q b_k)/√d for every key", "(q_i)ᵀ(k_j + b_k) − (q_i)ᵀk_j = (q_i)ᵀb_k: it depends on i, "
-         "not on j; broadcast (Q @ b_k / √d)[:, None] to (T_q, T_k)", dense),
+        ("shift = (Q b_k)/√d for every key", "expand (q_i)ᵀ(k_j + b_k) − (q_i)ᵀk_j: what is left depends on the "
+         "query i only, and keeps the 1/√d of the logits", dense),
         ("the shift is constant along each row", "the same query i sees the same extra logit for every key j",
          rows_constant),
         ("softmax(S + shift) = softmax(S)", "softmax is unchanged when a constant is added to a row", softmax_cancels),
-    ])
+    ], learner=(fn,))
 
 
 __all__ = ["check_count_biases", "check_biases_only", "check_key_bias_shift"]

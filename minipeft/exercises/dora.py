@@ -23,21 +23,39 @@ def check_weight_norm(fn, d_out: int = 7, d_in: int = 5):
     W = torch.randn(d_out, d_in) * torch.rand(d_out, 1) * 3  # rows of different lengths
     Wsq = torch.randn(d_in, d_in) * torch.rand(d_in, 1) * 3  # square: a column norm has the right shape
 
+    def call(M):
+        out = fn(M.clone())
+        assert isinstance(out, (tuple, list)) and len(out) == 2, \
+            f"my_decompose returned {type(out).__name__}; expected the pair (m, D)"
+        return torch.as_tensor(out[0]), torch.as_tensor(out[1])
+
+    def D_like(D, M):
+        assert tuple(D.shape) == tuple(M.shape), \
+            f"D has shape {tuple(D.shape)}; expected W's shape (d_out, d_in) = {tuple(M.shape)}"
+
+    def m_values(m, M):  # any layout with one entry per row is read as a vector here; `shapes` names the layout
+        assert m.numel() == M.shape[0], \
+            f"m has shape {tuple(m.shape)}; expected (d_out,) = ({M.shape[0]},): one magnitude per output neuron"
+        return m.reshape(-1)
+
     def shapes():
-        m, D = fn(W.clone())
-        assert tuple(m.shape) == (d_out,), f"m has shape {tuple(m.shape)}, expected (d_out,) = ({d_out},): " \
-                                            "one magnitude per output neuron (row)"
-        assert tuple(D.shape) == (d_out, d_in), f"D has shape {tuple(D.shape)}, expected {(d_out, d_in)}"
+        m, D = call(W)
+        assert tuple(m.shape) == (d_out,), f"m has shape {tuple(m.shape)}; expected (d_out,) = ({d_out},): " \
+                                            "one magnitude per output neuron (row), a vector (no keepdim)"
+        D_like(D, W)
 
     def unit_rows():
         for M in (W, Wsq):
-            _, D = fn(M.clone())
+            _, D = call(M)
+            D_like(D, M)
             assert torch.allclose(D.norm(dim=1), torch.ones(M.shape[0]), atol=1e-5), \
                 "the rows of D are not unit vectors"
 
     def rebuild():
         for M in (W, Wsq):
-            m, D = fn(M.clone())
+            m, D = call(M)
+            D_like(D, M)
+            m = m_values(m, M)
             assert torch.allclose(m[:, None] * D, M, atol=1e-5), "m[:, None] * D does not give W back"
             assert torch.allclose(m, M.norm(dim=1), atol=1e-5), "m is not the L2 norm of each row"
 
@@ -45,7 +63,7 @@ def check_weight_norm(fn, d_out: int = 7, d_in: int = 5):
         ("shapes: m (d_out,), D like W", "norm over d_in: W.norm(dim=1)", shapes),
         ("rows of D have norm 1", "divide each row by its own norm: W / m[:, None]", unit_rows),
         ("m ⊙ D = W with m = row norms", "PyTorch's ‖·‖_c is per ROW (dim=1), not per column", rebuild),
-    ])
+    ], learner=(fn,))
 
 
 def check_dora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: float = 6.0):
@@ -58,29 +76,47 @@ def check_dora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: f
         base.bias.normal_()  # a clearly non-zero bias, so scaling it by m/n shows
     W0, b = base.weight.detach().clone(), base.bias.detach().clone()
     x = torch.randn(6, d_in)
-    layer = cls(base, r, alpha)
-    A = lambda: find_param(layer, ["A", "lora_A"], (r, d_in))  # noqa: E731
-    B = lambda: find_param(layer, ["B", "lora_B"], (d_out, r))  # noqa: E731
-    m = lambda: find_param(layer, ["m", "lora_magnitude_vector", "magnitude"], (d_out,))  # noqa: E731
+    built = []
     s = alpha / r
+
+    def layer():  # the learner's class is built inside the first check, so an error in it is a FAIL line
+        if not built:
+            built.append(cls(base, r, alpha))
+        return built[0]
+
+    def param(names, shape, what):
+        t = find_param(layer(), names, shape)
+        assert tuple(t.shape) == shape, f"{names[0]} has shape {tuple(t.shape)}; expected {what} = {shape}"
+        return t
+
+    A = lambda: param(["A", "lora_A"], (r, d_in), "(r, d_in)")  # noqa: E731
+    B = lambda: param(["B", "lora_B"], (d_out, r), "(d_out, r)")  # noqa: E731
+    m = lambda: param(["m", "lora_magnitude_vector", "magnitude"], (d_out,), "(d_out,)")  # noqa: E731
+
+    def out():
+        y = layer()(x)
+        assert tuple(y.shape) == (6, d_out), f"the output has shape {tuple(y.shape)} for x of shape (6, d_in); " \
+                                             f"expected (6, d_out) = {(6, d_out)}"
+        return y
 
     def identity():
         assert torch.allclose(m().detach(), W0.norm(dim=1), atol=1e-5), \
             "m at init is not ‖W0‖_c (the norm of each row of the base weight)"
-        assert torch.allclose(layer(x), base(x), atol=1e-5), "output at init differs from the base layer's"
+        assert torch.allclose(out(), base(x), atol=1e-5), "output at init differs from the base layer's"
 
     def frozen():
-        trainable = {id(p) for p in layer.parameters() if p.requires_grad}
+        trainable = {id(p) for p in layer().parameters() if p.requires_grad}
         assert trainable == {id(A()), id(B()), id(m())}, "exactly A, B and m must require grad"
 
     def count():
-        n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        n = sum(p.numel() for p in layer().parameters() if p.requires_grad)
         want = r * (d_in + d_out) + d_out
         assert n == want, f"{n} trainable parameters, expected r·(d_in + d_out) + d_out = {want}"
 
     def perturb():
         torch.manual_seed(1)
-        with torch.no_grad():
+        with torch.no_grad():  # A too: with a zero A (also a valid init) the forward would not test s or A
+            A().copy_(torch.randn(r, d_in) / d_in ** 0.5)
             B().normal_()
             m().mul_(1 + 0.3 * torch.randn(d_out))
 
@@ -88,7 +124,7 @@ def check_dora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: f
         perturb()
         V = W0 + s * B().detach() @ A().detach()
         Wp = (m().detach() / V.norm(dim=1))[:, None] * V
-        assert torch.allclose(layer(x), F.linear(x, Wp, b), atol=1e-4), \
+        assert torch.allclose(out(), F.linear(x, Wp, b), atol=1e-4), \
             "forward is not m ⊙ (W0 + sBA)/‖W0 + sBA‖_c · x + b"
 
     def detached():
@@ -96,7 +132,7 @@ def check_dora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: f
         for p in (A(), B(), m()):
             p.grad = None
         g_y = torch.randn(6, d_out)
-        layer(x).backward(g_y)
+        out().backward(g_y)
         V = W0 + s * B().detach() @ A().detach()
         n = V.norm(dim=1, keepdim=True)
         G = g_y.T @ x                                       # dL/dW'
@@ -105,6 +141,7 @@ def check_dora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: f
         assert torch.allclose(B().grad, want_B, atol=1e-4), \
             "grad of B is not s·((m/n) ⊙ G)·Aᵀ: is the norm detached (treated as a constant)?"
         want_m = (G * V / n).sum(dim=1)
+        assert m().grad is not None, "m received no gradient"
         assert torch.allclose(m().grad, want_m, atol=1e-4), "grad of m is not G·V/‖V‖_c (row by row)"
 
     return run_checks(f"check_dora_linear({getattr(cls, '__name__', cls)})", [
@@ -114,7 +151,7 @@ def check_dora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: f
         ("forward = m ⊙ V/‖V‖_c x + b", "row norms (dim=1) of W0 + (α/r)·B@A; add the bias after scaling",
          forward),
         ("norm detached in backward", "compute n, then n.detach() before dividing", detached),
-    ])
+    ], learner=(cls,))
 
 
 def check_dora_magnitude_grad(fn, d_out: int = 6, d_in: int = 9):
@@ -128,15 +165,20 @@ def check_dora_magnitude_grad(fn, d_out: int = 6, d_in: int = 9):
     (mg[:, None] * Vg / Vg.norm(dim=1, keepdim=True)).backward(G)
 
     def check():
-        g_V, g_m = fn(V.clone(), m.clone(), G.clone())
-        assert tuple(g_V.shape) == (d_out, d_in) and tuple(g_m.shape) == (d_out,), \
-            "g_V has V's shape (d_out, d_in), g_m has m's shape (d_out,)"
+        res = fn(V.clone(), m.clone(), G.clone())
+        assert isinstance(res, (tuple, list)) and len(res) == 2, \
+            f"my_dora_grads returned {type(res).__name__}; expected the pair (g_V, g_m)"
+        g_V, g_m = (torch.as_tensor(t) for t in res)
+        assert tuple(g_V.shape) == (d_out, d_in), \
+            f"g_V has shape {tuple(g_V.shape)}; expected V's shape (d_out, d_in) = {(d_out, d_in)}"
+        assert tuple(g_m.shape) == (d_out,), \
+            f"g_m has shape {tuple(g_m.shape)}; expected m's shape (d_out,) = ({d_out},)"
         assert torch.allclose(g_m, mg.grad, atol=1e-5), "g_m differs from autograd's"
         assert torch.allclose(g_V, Vg.grad, atol=1e-5), "g_V differs from autograd's"
 
     return run_checks("check_dora_magnitude_grad", [
         ("g_V and g_m match autograd",
-         "per row: g_m = g·v/‖v‖, g_V = (m/‖v‖)(g − (g·u)u) with u = v/‖v‖", check)])
+         "per row: g_m = g·v/‖v‖, g_V = (m/‖v‖)(g − (g·u)u) with u = v/‖v‖", check)], learner=(fn,))
 
 
 __all__ = ["check_weight_norm", "check_dora_linear", "check_dora_magnitude_grad"]

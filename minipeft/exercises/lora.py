@@ -15,48 +15,82 @@ from ._runner import find_param, run_checks
 
 def check_lora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: float = 6.0):
     """Property checks for a learner's LoRA layer `cls(base_linear, r, alpha)` with parameters A (r, d_in)
-    and B (d_out, r) (attributes `A`/`B` or `lora_A`/`lora_B`; nn.Linear or Parameter both fine)."""
+    and B (d_out, r) (attributes `A`/`B` or `lora_A`/`lora_B`; nn.Linear or Parameter both fine).
+
+    The learner's code runs only inside the checks, so an error comes back as a FAIL with its hint. The
+    forward and merge checks give both factors random values (a layer whose zero factor is A, not B,
+    would otherwise hide a wrong scale), and the merge check compares outputs and the merged weight with
+    W0 + (α/r)·B·A computed before merge(), wherever the layer keeps its weight (in `base`, or a copy)."""
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out)
-    W0 = base.weight.detach().clone()
+    W0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
     x = torch.randn(5, d_in)
-    layer = cls(base, r, alpha)
-    A = lambda: find_param(layer, ["A", "lora_A"], (r, d_in))  # noqa: E731
-    B = lambda: find_param(layer, ["B", "lora_B"], (d_out, r))  # noqa: E731
     s = alpha / r
+    made = {}
+
+    def layer():  # built once, on first use inside a check
+        if "layer" not in made:
+            made["layer"] = cls(base, r, alpha)
+        return made["layer"]
+
+    def factor(names, shape, what):
+        t = find_param(layer(), names, shape)
+        assert tuple(t.shape) == shape, f"{names[0]} has shape {tuple(t.shape)}; expected {what} = {shape}"
+        return t
+
+    A = lambda: factor(["A", "lora_A"], (r, d_in), "(r, d_in)")  # noqa: E731
+    B = lambda: factor(["B", "lora_B"], (d_out, r), "(d_out, r)")  # noqa: E731
+
+    def randomise():  # both factors nonzero, so that the branch and its scale show in the output
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            A().copy_(torch.randn(r, d_in, generator=g))
+            B().copy_(torch.randn(d_out, r, generator=g))
+        return A().detach().clone(), B().detach().clone()
 
     def identity():
-        assert torch.allclose(layer(x), base(x), atol=1e-6), "output at init differs from the base layer's"
+        out = layer()(x)
+        assert tuple(out.shape) == (5, d_out), f"output shape {tuple(out.shape)}; expected (batch, d_out) = (5, {d_out})"
+        assert torch.allclose(out, base(x), atol=1e-6), "output at init differs from the base layer's"
 
     def frozen():
-        trainable = {id(p) for p in layer.parameters() if p.requires_grad}
+        trainable = {id(p) for p in layer().parameters() if p.requires_grad}
         assert trainable == {id(A()), id(B())}, "exactly A and B must require grad (freeze the base layer)"
 
     def count():
-        n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        n = sum(p.numel() for p in layer().parameters() if p.requires_grad)
         assert n == r * (d_in + d_out), f"{n} trainable parameters, expected r·(d_in + d_out) = {r * (d_in + d_out)}"
 
     def forward():
-        with torch.no_grad():
-            B().normal_()
-        want = x @ W0.T + base.bias + s * x @ A().T @ B().T
-        assert torch.allclose(layer(x), want, atol=1e-5), "forward is not W0·x + (alpha/r)·B·A·x"
+        a, b = randomise()
+        want = x @ W0.T + b0 + s * x @ a.T @ b.T
+        got = layer()(x)
+        assert torch.allclose(got, want, atol=1e-4), "forward is not W0·x + b + (alpha/r)·B·A·x"
 
     def merge():
-        if not hasattr(layer, "merge"):
+        lay = layer()
+        if not callable(getattr(lay, "merge", None)):
             raise AssertionError("no merge() method")
-        before = layer(x).detach()
-        layer.merge()
-        assert torch.allclose(base.weight, W0 + s * B() @ A(), atol=1e-5), "merged weight is not W0 + (alpha/r)·B·A"
-        assert torch.allclose(layer(x), before, atol=1e-5), "after merge() the output changed (adding BA twice?)"
+        a, b = randomise()
+        W = W0 + s * b @ a  # the merged weight, computed before merge() can change A, B or the base
+        want = x @ W.T + b0
+        with torch.no_grad():
+            lay.merge()
+            got = lay(x)
+        assert torch.allclose(got, want, atol=1e-4), \
+            "after merge() the output is not W0·x + b + (alpha/r)·B·A·x any more (the branch added twice? the " \
+            "scale left out of the merge?)"
+        weights = [t for t in list(lay.parameters()) + list(lay.buffers()) if tuple(t.shape) == (d_out, d_in)]
+        assert any(torch.allclose(t.detach(), W, atol=1e-4) for t in weights), \
+            "no (d_out, d_in) weight in the layer equals W0 + (alpha/r)·B·A after merge(): fold the update into the weight"
 
     return run_checks(f"check_lora_linear({getattr(cls, '__name__', cls)})", [
-        ("zero-init identity", "initialise B with zeros so that B·A = 0", identity),
+        ("zero-init identity", "initialise one factor (LoRA: B) with zeros so that B·A = 0", identity),
         ("only A and B train", "call base.requires_grad_(False) and make A, B nn.Parameters", frozen),
         ("parameter count", "A is (r, d_in) and B is (d_out, r)", count),
         ("forward = W0 x + (α/r) B A x", "scale by alpha / r and apply A first: x @ A.T @ B.T", forward),
         ("merge keeps the output", "W ← W0 + (alpha/r)·B @ A, then skip the LoRA branch", merge),
-    ])
+    ], learner=(cls,))
 
 
 def check_lora_grads(fn, d_in: int = 7, d_out: int = 5, r: int = 2, scale: float = 2.0):
@@ -81,7 +115,8 @@ def check_lora_init(init_fn, d_in: int = 8, d_out: int = 6, r: int = 3, scale: f
     the update s·BA starts at zero, and plain gradient descent can move both factors."""
     def fresh():
         torch.manual_seed(0)
-        A, B = torch.empty(r, d_in), torch.empty(d_out, r)
+        # NaN first: an init that rebinds its argument (A = torch.randn_like(A)) leaves the caller's tensor as it was
+        A, B = torch.full((r, d_in), float("nan")), torch.full((d_out, r), float("nan"))
         with torch.no_grad():
             init_fn(A, B)
         return A.requires_grad_(True), B.requires_grad_(True)
@@ -95,7 +130,9 @@ def check_lora_init(init_fn, d_in: int = 8, d_out: int = 6, r: int = 3, scale: f
 
     def identity():
         A, B = fresh()
-        assert torch.all(torch.isfinite(A)) and torch.all(torch.isfinite(B)), "A or B holds nan/inf (fill them in place)"
+        assert torch.all(torch.isfinite(A)) and torch.all(torch.isfinite(B)), \
+            "A or B still holds nan after my_init: fill them in place (A.normal_(), nn.init.zeros_(B), A.copy_(...)); " \
+            "A = torch.randn_like(A) only rebinds the local name"
         assert torch.count_nonzero(B @ A) == 0, "B·A is not zero at init: the wrapped model would not start at the base"
 
     def moves():
@@ -109,7 +146,16 @@ def check_lora_init(init_fn, d_in: int = 8, d_out: int = 6, r: int = 3, scale: f
         assert g_A.abs().sum() > 0 and g_B.abs().sum() > 0, \
             "after one step a factor still gets no gradient (is one of A, B zero and the other zero too?)"
 
+    def full_rank():
+        A, B = fresh()
+        other = A if torch.count_nonzero(B) == 0 else B  # the factor that is not zero
+        rank = int(torch.linalg.matrix_rank(other.detach()))
+        assert rank == r, f"the nonzero factor has rank {rank}, not r = {r}: a constant or repeated fill gives " \
+                          f"rank 1, and the update B·A can then never use more than one direction"
+
     return run_checks("check_lora_init", [
         ("s·B·A = 0 at init", "zero exactly one of the two factors (LoRA zeroes B)", identity),
         ("both factors learn", "the other factor must be random (LoRA: kaiming_uniform_ on A)", moves),
-    ])
+        ("the random factor has rank r", "fill it with random numbers (kaiming_uniform_, normal_), not a constant",
+         full_rank),
+    ], learner=(init_fn,))

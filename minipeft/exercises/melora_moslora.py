@@ -31,17 +31,20 @@ def check_melora_delta(fn):
     """Check `fn(A, B, scale) -> ΔW` = scale · blockdiag(B_1 A_1, …, B_n A_n), shape (d_out, d_in)."""
     sizes = [(4, 2, 12, 8), (3, 1, 9, 15), (2, 3, 16, 16)]  # (n, r, d_in, d_out): wide, tall, square
 
+    def call(A, B, n, d_in, d_out):
+        dW = torch.as_tensor(fn(A.clone(), B.clone(), 0.5))
+        assert tuple(dW.shape) == (d_out, d_in), f"ΔW has shape {tuple(dW.shape)} for n={n}, d_in={d_in}, " \
+                                                 f"d_out={d_out}; expected (d_out, d_in) = {(d_out, d_in)}"
+        return dW
+
     def shape():
         for n, r, d_in, d_out in sizes:
-            A, B = _minis(n, r, d_in, d_out, 0)
-            dW = fn(A.clone(), B.clone(), 0.5)
-            assert tuple(dW.shape) == (d_out, d_in), \
-                f"ΔW has shape {tuple(dW.shape)} for n={n}, d_in={d_in}, d_out={d_out}; expected {(d_out, d_in)}"
+            call(*_minis(n, r, d_in, d_out, 0), n, d_in, d_out)
 
     def off_diagonal_zero():
         for n, r, d_in, d_out in sizes:
             A, B = _minis(n, r, d_in, d_out, 1)
-            dW = fn(A.clone(), B.clone(), 0.5).clone()
+            dW = call(A, B, n, d_in, d_out).detach().clone()
             k, o = d_in // n, d_out // n
             for i in range(n):
                 dW[i * o:(i + 1) * o, i * k:(i + 1) * k] = 0
@@ -53,7 +56,7 @@ def check_melora_delta(fn):
         for n, r, d_in, d_out in sizes:
             A, B = _minis(n, r, d_in, d_out, 2)
             want = _block_diagonal(A, B, 0.5)
-            got = fn(A.clone(), B.clone(), 0.5)
+            got = call(A, B, n, d_in, d_out)
             assert torch.allclose(got, want, atol=1e-5), "the diagonal blocks are not scale · B_i A_i, in order"
             assert torch.linalg.matrix_rank(got) == n * min(r, d_in // n, d_out // n), "rank ΔW is not n·r"
 
@@ -87,7 +90,9 @@ def check_melora_branch(fn):
     def grads():
         Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()
         g_y = torch.randn(5, d_out, generator=torch.Generator().manual_seed(6))
-        fn(x2.clone(), Ag, Bg, 0.5).backward(g_y)
+        y = fn(x2.clone(), Ag, Bg, 0.5)
+        assert tuple(y.shape) == (5, d_out), f"output shape {tuple(y.shape)}, expected (5, {d_out})"
+        y.backward(g_y)
         Ar, Br = A.clone().requires_grad_(), B.clone().requires_grad_()
         (x2 @ _block_diagonal(Ar, Br, 0.5).T).backward(g_y)
         assert Ag.grad is not None and Bg.grad is not None, "no gradient reached A or B (detached somewhere?)"
@@ -109,28 +114,45 @@ def check_moslora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha
     base = nn.Linear(d_in, d_out)
     W0, b = base.weight.detach().clone(), base.bias.detach().clone()
     x = torch.randn(6, d_in)
-    layer = cls(base, r, alpha)
-    A = lambda: find_param(layer, ["A", "lora_A"], (r, d_in))  # noqa: E731
-    M = lambda: find_param(layer, ["M", "lora_AB", "mixer"], (r, r))  # noqa: E731
-    B = lambda: find_param(layer, ["B", "lora_B"], (d_out, r))  # noqa: E731
+    built = []
     s = alpha / r
 
+    def layer():  # the learner's class is built inside the first check, so an error in it is a FAIL line
+        if not built:
+            built.append(cls(base, r, alpha))
+        return built[0]
+
+    def param(names, shape, what):
+        t = find_param(layer(), names, shape)
+        assert tuple(t.shape) == shape, f"{names[0]} has shape {tuple(t.shape)}; expected {what} = {shape}"
+        return t
+
+    A = lambda: param(["A", "lora_A"], (r, d_in), "(r, d_in)")  # noqa: E731
+    M = lambda: param(["M", "lora_AB", "mixer"], (r, r), "(r, r)")  # noqa: E731
+    B = lambda: param(["B", "lora_B"], (d_out, r), "(d_out, r)")  # noqa: E731
+
+    def out():
+        y = layer()(x)
+        assert tuple(y.shape) == (6, d_out), f"the output has shape {tuple(y.shape)} for x of shape (6, d_in); " \
+                                             f"expected (6, d_out) = {(6, d_out)}"
+        return y
+
     def identity():
-        assert torch.allclose(layer(x), base(x), atol=1e-6), "output at init differs from the base layer's"
+        assert torch.allclose(out(), base(x), atol=1e-6), "output at init differs from the base layer's"
 
     def learns():
         for p in (A(), M(), B()):
             p.grad = None
-        layer(x).backward(torch.randn(6, d_out))
+        out().backward(torch.randn(6, d_out))
         g = B().grad
         assert g is not None and g.abs().max() > 1e-4, \
             "at init B gets no gradient: with B = 0 only B can move first, and its gradient is s·g_y (M A x)ᵀ, " \
             "which is zero if M (or A) is zero"
 
     def trainable():
-        params = {id(p) for p in layer.parameters() if p.requires_grad}
+        params = {id(p) for p in layer().parameters() if p.requires_grad}
         assert params == {id(A()), id(M()), id(B())}, "exactly A, M and B must require grad (freeze the base)"
-        n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        n = sum(p.numel() for p in layer().parameters() if p.requires_grad)
         assert n == r * (d_in + d_out) + r * r, f"{n} trainable parameters, expected r(d_in + d_out) + r² = " \
                                                 f"{r * (d_in + d_out) + r * r}"
 
@@ -140,14 +162,14 @@ def check_moslora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha
             B().normal_()
             M().copy_(torch.randn(r, r))
         want = F.linear(x, W0 + s * B().detach() @ M().detach() @ A().detach(), b)
-        assert torch.allclose(layer(x), want, atol=1e-4), "forward is not W0 x + b + (α/r)·B M A x (order: A, M, B)"
+        assert torch.allclose(out(), want, atol=1e-4), "forward is not W0 x + b + (α/r)·B M A x (order: A, M, B)"
 
     def identity_mixer_is_lora():
         with torch.no_grad():
             B().normal_()
             M().copy_(torch.eye(r))
         want = F.linear(x, W0 + s * B().detach() @ A().detach(), b)
-        assert torch.allclose(layer(x), want, atol=1e-4), "with M = I the layer should be LoRA: W0 x + b + (α/r)·BAx"
+        assert torch.allclose(out(), want, atol=1e-4), "with M = I the layer should be LoRA: W0 x + b + (α/r)·BAx"
 
     return run_checks(f"check_moslora_linear({getattr(cls, '__name__', cls)})", [
         ("starts at the base layer", "initialise B with zeros", identity),

@@ -20,13 +20,21 @@ from ._runner import find_param, run_checks
 def check_bartlett_wishart(fn, r: int = 3, df: int = 5, draws: int = 6000):
     """Check `fn(r, df) -> Z` (r, r): symmetric, positive semi-definite, E[Z] = df·I, Var(Z_ij) = df(1 + δ_ij)."""
 
-    def sample(n):
-        torch.manual_seed(0)
-        return torch.stack([torch.as_tensor(fn(r, df)).float() for _ in range(n)])
+    def draw():
+        Z = torch.as_tensor(fn(r, df)).float()
+        assert tuple(Z.shape) == (r, r), f"a draw has shape {tuple(Z.shape)}; expected (r, r) = {(r, r)}"
+        return Z
+
+    cache = {}
+
+    def sample(n):  # the same seeded draws for every check that asks for n of them (drawn once)
+        if n not in cache:
+            torch.manual_seed(0)
+            cache[n] = torch.stack([draw() for _ in range(n)])
+        return cache[n]
 
     def shape():
         Z = sample(5)
-        assert tuple(Z.shape[1:]) == (r, r), f"a draw has shape {tuple(Z.shape[1:])}, expected (r, r) = {(r, r)}"
         assert torch.allclose(Z, Z.transpose(1, 2), atol=1e-5), "Z is not symmetric: return L @ L.T, not L"
         assert (torch.linalg.eigvalsh(Z) > -1e-4).all(), "Z has a negative eigenvalue: return L @ L.T"
 
@@ -59,22 +67,29 @@ def check_dirichlet_kl(fn, n: int = 6):
 
     cases = [(torch.rand(n).exp(), 0.1), (torch.rand(n) * 5 + 0.2, 1.0), (torch.rand(n) + 0.05, 2.5)]
 
+    def call(alpha, prior):
+        out = fn(alpha, prior)
+        assert torch.as_tensor(out).numel() == 1, \
+            f"the KL has shape {tuple(torch.as_tensor(out).shape)}; expected a scalar: sum the terms over the " \
+            f"{n} components"
+        return out
+
     def zero():
-        got = float(fn(torch.full((n,), 0.7), 0.7))
+        got = float(call(torch.full((n,), 0.7), 0.7))
         assert abs(got) < 1e-4, f"KL(p ‖ p) = {got:.4g}, expected 0"
 
     def value():
         for alpha, prior in cases:
-            got, want = float(fn(alpha.clone(), prior)), float(ref(alpha, prior))
+            got, want = float(call(alpha.clone(), prior)), float(ref(alpha, prior))
             assert abs(got - want) < 1e-4 * max(1.0, abs(want)), \
                 f"alpha = {alpha.numpy().round(2)}, prior {prior}: got {got:.4f}, expected {want:.4f}"
 
     def grad():
         alpha = cases[0][0].clone().requires_grad_(True)
-        out = fn(alpha, 0.1)
+        out = call(alpha, 0.1)
         assert isinstance(out, torch.Tensor) and out.requires_grad, \
             "return a tensor that autograd can differentiate (torch.lgamma / torch.digamma, not math.lgamma)"
-        out.backward()
+        out.sum().backward()
         a = cases[0][0].clone().requires_grad_(True)
         ref(a, 0.1).backward()
         assert torch.allclose(alpha.grad, a.grad, atol=1e-4), "the gradient with respect to alpha differs"
@@ -94,10 +109,27 @@ def check_monteclora_layer(cls, d_in: int = 16, d_out: int = 6, r: int = 3, n: i
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out)
     x = torch.randn(4, d_in)
-    layer = cls(base, r, alpha, n, 0.3)
-    A = lambda: find_param(layer, ["A", "lora_A"], (r, d_in))  # noqa: E731
-    B = lambda: find_param(layer, ["B", "lora_B"], (d_out, r))  # noqa: E731
+    built = []
     s = alpha / r
+
+    def layer():  # the learner's class is built inside the first check, so an error in it is a FAIL line
+        if not built:
+            built.append(cls(base, r, alpha, n, 0.3))
+        return built[0]
+
+    def param(names, shape, what):
+        t = find_param(layer(), names, shape)
+        assert tuple(t.shape) == shape, f"{names[0]} has shape {tuple(t.shape)}; expected {what} = {shape}"
+        return t
+
+    A = lambda: param(["A", "lora_A"], (r, d_in), "(r, d_in)")  # noqa: E731
+    B = lambda: param(["B", "lora_B"], (d_out, r), "(d_out, r)")  # noqa: E731
+
+    def out():
+        y = layer()(x)
+        assert tuple(y.shape) == (4, d_out), f"the output has shape {tuple(y.shape)} for x of shape (4, d_in); " \
+                                             f"expected (4, d_out) = {(4, d_out)}"
+        return y
 
     def lora():
         return F.linear(x, base.weight + s * B().detach() @ A().detach(), base.bias)
@@ -108,32 +140,32 @@ def check_monteclora_layer(cls, d_in: int = 16, d_out: int = 6, r: int = 3, n: i
             B().normal_()
 
     def count():
-        got = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        got = sum(p.numel() for p in layer().parameters() if p.requires_grad)
         want = r * (d_in + d_out) + r + n
         assert got == want, f"{got} trainable parameters, expected r(d_in + d_out) + r + N = {want}"
 
     def eval_is_lora():
         perturb()
-        layer.eval()
+        layer().eval()
         with torch.no_grad():
-            assert torch.allclose(layer(x), lora(), atol=1e-5), "in eval mode the output is not W0 x + s·B A x"
-            assert torch.equal(layer(x), layer(x)), "two eval-mode calls differ: sample only while training"
+            assert torch.allclose(out(), lora(), atol=1e-5), "in eval mode the output is not W0 x + s·B A x"
+            assert torch.equal(out(), out()), "two eval-mode calls differ: sample only while training"
 
     def a_untouched():
         perturb()
-        layer.train()
+        layer().train()
         before = A().detach().clone()
         with torch.no_grad():
-            y1, y2 = layer(x), layer(x)
+            y1, y2 = out(), out()
         assert not torch.allclose(y1, y2), "two training-mode calls gave the same output: no noise was drawn"
         assert torch.equal(A().detach(), before), "A changed in a forward pass: add the noise to a new tensor"
 
     def unbiased():
         perturb()
-        layer.train()
+        layer().train()
         torch.manual_seed(2)
         with torch.no_grad():
-            draws = torch.stack([layer(x) for _ in range(2000)])
+            draws = torch.stack([out() for _ in range(2000)])
         want = lora()
         err = (draws.mean(0) - want).abs()
         tol = 5 * draws.std(0) / 2000 ** 0.5 + 1e-4

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ._runner import run_checks
@@ -39,8 +40,10 @@ def check_pooling(fn):
     def agrees(how, side):
         mask = _masks()[side == "left"]
         got = fn(h.clone(), mask.clone(), how)
+        assert isinstance(got, torch.Tensor), f"{how}: returned {type(got).__name__}, expected a tensor (batch, d)"
         assert tuple(got.shape) == (4, 5), f"{how}: shape {tuple(got.shape)}, expected (batch, d) = (4, 5)"
         want = _loop_pool(h, mask, how)
+        got = got.detach().float()  # a float64 answer is as right as a float32 one
         bad = [b for b in range(4) if not torch.allclose(got[b], want[b], atol=1e-5)]
         assert not bad, f"{how} pooling with {side} padding is wrong for rows {bad} (real tokens per row: " \
                         f"{mask.sum(1).tolist()})"
@@ -69,10 +72,12 @@ def check_regression_head(cls):
                                          f"example (a (B, 1) output broadcasts against (B,) labels in the MSE)"
 
     def affine():
-        head = cls(d)
+        head = cls(d).eval()  # eval: a dropout in the head is fine (it is the identity at inference)
         a, b, zero = 10 * z[:8], 10 * z[8:16], torch.zeros(8, d)
-        lhs, rhs = head(a + b), head(a) + head(b) - head(zero)
-        assert torch.allclose(lhs, rhs, atol=1e-3), \
+        with torch.no_grad():
+            lhs, rhs = head(a + b), head(a) + head(b) - head(zero)
+        assert isinstance(lhs, torch.Tensor), f"the head returned {type(lhs).__name__}, expected a tensor"
+        assert torch.allclose(lhs.float(), rhs.float(), atol=1e-3), \
             "head(a + b) ≠ head(a) + head(b) − head(0): the output is not w·z + b (a squashing function?)"
 
     def fits():
@@ -84,12 +89,17 @@ def check_regression_head(cls):
         best = ((X @ torch.linalg.lstsq(X, y.unsqueeze(1)).solution).squeeze(1) - y).pow(2).mean()  # ≈ 0
         params = [p for p in head.parameters() if p.requires_grad]
         assert params, "the head has no trainable parameters"
+        n_out = head(z).numel()
+        assert n_out == B, f"{n_out} numbers for {B} examples: one number per example expected"
         opt = torch.optim.Adam(params, lr=0.1)
         for _ in range(400):
             loss = (head(z).reshape(-1) - y).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
+        head.eval()  # the fit is measured at inference (a dropout in the head is switched off)
+        with torch.no_grad():
+            loss = (head(z).reshape(-1).float() - y).pow(2).mean()
         assert loss.item() < best.item() + 0.05 * y.var().item(), \
             f"after 400 Adam steps the MSE is {loss.item():.3f} (variance of y {y.var().item():.1f}): the head " \
             f"cannot fit y = z·w + 7 (a bias missing? an output squashed into a range?)"
@@ -108,7 +118,14 @@ def check_mi_estimate(fn):
 
     def case(mu, dim, n, tol, seed=11):
         x, y = sample_binary_gaussian(mu, n, dim=dim, seed=seed)
-        est = float(fn(x.reshape(n, -1).copy(), y.copy()))
+        out = fn(x.reshape(n, -1).copy(), y.copy())
+        if isinstance(out, torch.Tensor):
+            out = out.detach().cpu().double().numpy()
+        arr = np.asarray(out, dtype=np.float64)
+        assert arr.size == 1, f"features of shape {(n, dim)}: returned {arr.size} numbers (shape {arr.shape}); " \
+                              f"expected one, Î(Y; X) for the whole feature vector (mutual_info_classif gives one " \
+                              f"per column: project first)"
+        est = float(arr.reshape(()))
         truth = binary_gaussian_mi(mu)
         assert abs(est - truth) <= tol, f"μ = {mu} in {dim} dimension(s), N = {n}: estimate {est:.3f}, " \
                                         f"true MI {truth:.3f} nats (tolerance {tol})"

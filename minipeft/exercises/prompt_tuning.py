@@ -57,6 +57,8 @@ def check_prepend_prompt(fn, L: int = 4, B: int = 2, T: int = 6):
         e, m, lab = fn(P, embeds, mask, labels)
         got = base(inputs_embeds=e, attention_mask=m, labels=lab)
         want = model(input_ids=ids, attention_mask=mask, labels=labels)
+        assert got.logits.shape == want.logits.shape, \
+            f"the model saw {got.logits.shape[1]} positions per row; expected L_p + T = {want.logits.shape[1]}"
         assert torch.allclose(got.logits, want.logits, atol=1e-5), "logits differ from minipeft's prompt tuning"
         assert abs(got.loss.item() - want.loss.item()) < 1e-5, "loss differs from minipeft's prompt tuning"
 
@@ -64,15 +66,22 @@ def check_prepend_prompt(fn, L: int = 4, B: int = 2, T: int = 6):
         P.grad = None
         e, m, lab = fn(P, embeds, mask, labels)
         base(inputs_embeds=e, attention_mask=m, labels=lab).loss.backward()
-        assert P.grad is not None and P.grad.abs().sum() > 0, "no gradient reaches P (detached or copied?)"
+        if P.grad is not None and P.grad.abs().sum() > 0:
+            return
+        p = P.detach().to(e.dtype)
+        if e.shape[1] >= L and torch.equal(e[0, -L:].detach(), p) and not torch.equal(e[0, :L].detach(), p):
+            raise AssertionError("no gradient reaches P: it sits after the tokens, and in a causal LM a position "
+                                 "only attends to earlier ones, so nothing that has a label ever sees P")
+        raise AssertionError("no gradient reaches P although the loss was computed: is P detached, or copied into "
+                             "a new tensor (torch.tensor(P), P.clone().detach())?")
 
     return run_checks("check_prepend_prompt", [
-        ("shapes", "concatenate along the sequence dimension (dim=1)", shapes),
-        ("prompt, mask and labels in front", "P.expand(B, -1, -1); ones (B, L_p); full((B, L_p), -100)", content),
-        ("same logits and loss as minipeft", "prompt first, then the tokens: torch.cat([P, embeds], dim=1)",
-         same_loss),
-        ("gradient reaches P", "use P itself (expand/unsqueeze), not P.detach() or a new tensor", grad),
-    ])
+        ("shapes", "the prompt adds L_p positions to the sequence dimension (dim 1) of all three tensors", shapes),
+        ("prompt, mask and labels in front", "every row starts with the same L_p prompt vectors; the mask must let "
+         "the model attend to them; the labels must keep them out of the loss (-100)", content),
+        ("same logits and loss as minipeft", "prompt first, then the tokens, in all three tensors", same_loss),
+        ("gradient reaches P", "build the result from P itself (views such as expand keep the graph)", grad),
+    ], learner=(fn,))
 
 
 def check_text_init(fn, L: int = 7):
@@ -92,9 +101,11 @@ def check_text_init(fn, L: int = 7):
 
     return run_checks("check_text_init", [
         ("text longer than L_p: cut", "keep the first L_p tokens", lambda: case(list(range(3, 3 + L + 4)), L)),
-        ("text shorter than L_p: repeat", "repeat the ids ([a, b, c] → a b c a b c a), then cut", lambda: case([5, 9, 11], L)),
-        ("exact length", "E[ids] picks the rows of the embedding matrix", lambda: case([1, 2, 3, 4, 5, 6, 7], L)),
-    ])
+        ("text shorter than L_p: repeat", "repeat the whole id list ([a, b, c] → a b c a b c a), then cut",
+         lambda: case([5, 9, 11], L)),
+        ("exact length", "the prompt's rows are the embedding matrix's rows for those ids",
+         lambda: case([1, 2, 3, 4, 5, 6, 7], L)),
+    ], learner=(fn,))
 
 
 def check_nearest_tokens(fn, L: int = 5, V: int = 40, d: int = 8, k: int = 3):
@@ -122,6 +133,6 @@ def check_nearest_tokens(fn, L: int = 5, V: int = 40, d: int = 8, k: int = 3):
 
     return run_checks("check_nearest_tokens", [
         ("shapes", "return (ids, sims), each (L_p, k)", shape),
-        ("cosine top-k", "normalize(P) @ normalize(E).T, then .topk(k, dim=-1)", cosine),
-        ("sorted, best first", "topk sorts by default", sorted_desc),
-    ])
+        ("cosine top-k", "cosine similarity divides by both norms; a plain dot product favours long rows", cosine),
+        ("sorted, best first", "each row from the most to the least similar", sorted_desc),
+    ], learner=(fn,))

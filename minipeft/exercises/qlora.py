@@ -43,10 +43,12 @@ def check_nf4_codes(fn):
 
     return run_checks("check_nf4_codes", [
         ("16 codes: 8 positive, 7 negative, one exact zero",
-         "positives: Φ⁻¹(linspace(δ, 0.5, 9)[:-1]); negatives: −Φ⁻¹(linspace(δ, 0.5, 8)[:-1]); then add 0", count),
+         "NF4 is asymmetric: 8 quantiles of N(0, 1) on the positive side, 7 on the negative side, plus an exact 0",
+         count),
         ("scaled to [-1, 1]", "divide every value by the largest absolute value", scaled),
         ("equal to the published table",
-         "δ = ½·((1 − 1/30) + (1 − 1/32)); Φ⁻¹ = torch.distributions.Normal(0, 1).icdf in float64", table),
+         "the quantiles run from the offset δ of the chapter's derivation to 0.5 (not from 0 or 1: Φ⁻¹ is infinite "
+         "there); compute them in float64", table),
     ], learner=(fn,))
 
 
@@ -78,7 +80,13 @@ def check_blockwise_absmax(quantize_fn, dequantize_fn, blocksize: int = 64):
         dist = (normed[:, None] - code).abs()
         chosen = dist.gather(1, idx[:, None]).squeeze(1)
         assert idx.shape == w.shape and 0 <= idx.min() and idx.max() < 16, "one index in [0, 16) per value"
-        assert torch.all(chosen <= dist.min(1).values + 1e-6), "some value did not get its nearest code"
+        wrong = chosen > dist.min(1).values + 1e-6
+        zero_block = torch.zeros_like(wrong)
+        zero_block[2 * blocksize: 3 * blocksize] = True
+        assert not (wrong & zero_block).any(), \
+            f"values of the all-zero block (positions {2 * blocksize}–{3 * blocksize - 1}) got the wrong code: " \
+            f"there absmax = 0 and w / absmax = 0/0 = nan; divide by 1 where absmax is 0 (they are all 0)"
+        assert not wrong.any(), f"{int(wrong.sum())} values did not get their nearest code"
 
     def roundtrip():
         idx, absmax = run()
@@ -97,11 +105,13 @@ def check_blockwise_absmax(quantize_fn, dequantize_fn, blocksize: int = 64):
         assert err_rest < 0.5, f"error {err_rest:.3f} outside the outlier's block: is absmax taken per block?"
 
     return run_checks("check_blockwise_absmax", [
-        ("absmax per block", "absmax = w.view(-1, blocksize).abs().amax(dim=1)", absmax_ok),
-        ("nearest code", "normalise by the block's absmax, then argmin |w/absmax − code| (or bucketize on "
-                         "the midpoints between codes)", nearest),
+        ("absmax per block", "one absmax per block of `blocksize` consecutive values: the largest |w| in it",
+         absmax_ok),
+        ("nearest code", "divide each value by its own block's absmax, then take the code closest to the "
+                         "result (not the one just below it)", nearest),
         ("round trip within the bound, zero block safe",
-         "w_hat = code[idx] · absmax of the block; divide by 1 where absmax is 0", roundtrip),
+         "dequantize multiplies each code value by its block's absmax; an all-zero block must not divide 0 by 0",
+         roundtrip),
         ("an outlier only hurts its own block", "scale each block by its own absmax, not the tensor's", isolated),
     ], learner=(quantize_fn, dequantize_fn))
 
@@ -121,6 +131,10 @@ def check_pack_4bit(pack, unpack):
         p = torch.as_tensor(pack(torch.tensor([3, 10], dtype=torch.uint8)))
         assert p.numel() == 1 and int(p[0]) == 3 * 16 + 10, \
             f"pack([3, 10]) = {p.tolist()}; want [58] = 3·16 + 10 (first code in the high nibble)"
+        codes = [3, 10, 1, 2, 15, 0]  # several pairs: neighbours share a byte, not the two halves of the tensor
+        want = [3 * 16 + 10, 1 * 16 + 2, 15 * 16 + 0]
+        p = torch.as_tensor(pack(torch.tensor(codes, dtype=torch.uint8))).flatten().tolist()
+        assert p == want, f"pack({codes}) = {p}; want {want}: codes 2k and 2k+1 share byte k"
 
     def inverse():
         back = torch.as_tensor(unpack(torch.as_tensor(pack(idx.clone())))).long().flatten()
@@ -130,9 +144,12 @@ def check_pack_4bit(pack, unpack):
         assert torch.equal(again, every), "pack(unpack(b)) != b for some byte b"
 
     return run_checks("check_pack_4bit", [
-        ("two codes per uint8 byte", "pairs = idx.view(-1, 2).to(torch.uint8)", packed_shape),
-        ("high nibble first", "byte = (pairs[:, 0] << 4) | pairs[:, 1]", order),
-        ("unpack inverts pack", "hi = b >> 4, lo = b & 15; interleave: torch.stack([hi, lo], -1).view(-1)", inverse),
+        ("two codes per uint8 byte", "a uint8 holds two 4-bit codes: half as many bytes as codes, dtype uint8",
+         packed_shape),
+        ("high nibble first", "neighbouring codes share a byte, the first of the two in the upper 4 bits (× 16)",
+         order),
+        ("unpack inverts pack", "unpack must return the codes in their original order: each byte gives its upper "
+                                "then its lower 4 bits, byte after byte", inverse),
     ], learner=(pack, unpack))
 
 

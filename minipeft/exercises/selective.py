@@ -47,6 +47,12 @@ def _per_example_grads(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> 
     return vmap(grad(log_p), in_dims=(None, 0, 0))(params, xs, onehot)
 
 
+def _true_label_probs(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """(N,) p(y_i | x_i): ∂p/∂θ = p · ∂log p/∂θ, which names the mistake of differentiating p itself."""
+    with torch.no_grad():
+        return torch.softmax(model(xs), -1).gather(1, ys[:, None])[:, 0]
+
+
 def _data(model: nn.Module, n: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     d = next(model.parameters()).shape[1]
@@ -59,7 +65,8 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-8 * float(b.abs().max()) + 1e-12)
 
 
-def _compare_fisher(got, want: dict[str, torch.Tensor], g: dict[str, torch.Tensor], label: str):
+def _compare_fisher(got, want: dict[str, torch.Tensor], g: dict[str, torch.Tensor], label: str,
+                    p: torch.Tensor | None = None):
     """got vs want per parameter; when wrong, say which known mistake the answer looks like."""
     assert isinstance(got, dict), f"{label}: returned {type(got).__name__}, expected a dict {{name: tensor}}"
     missing = [n for n in want if n not in got]
@@ -81,6 +88,9 @@ def _compare_fisher(got, want: dict[str, torch.Tensor], g: dict[str, torch.Tenso
         "the square of the summed gradient (the batch's loss summed, then squared)":
             {n: v.sum(0).square() for n, v in g.items()},
     }
+    if p is not None:  # ∂p/∂θ = p ∂log p/∂θ
+        mistakes["the gradient of the probability p(y|x), not of its log"] = {
+            n: (v * p.reshape(-1, *[1] * (v.dim() - 1))).square().mean(0) for n, v in g.items()}
     looks = [what for what, alt in mistakes.items()
              if all(_close(torch.as_tensor(got[n]).detach(), alt[n]) for n in want)]
     n0 = wrong[0]
@@ -102,7 +112,8 @@ def check_diagonal_fisher(fn):
             xs, ys = _data(model, n, seed)
             g = _per_example_grads(model, xs, ys)
             want = {k: v.square().mean(0) for k, v in g.items()}
-            _compare_fisher(fn(model, xs.clone(), ys.clone()), want, g, f"{name}, N={n}")
+            p = _true_label_probs(model, xs, ys)
+            _compare_fisher(fn(model, xs.clone(), ys.clone()), want, g, f"{name}, N={n}", p)
         return check
 
     def frozen_and_untouched():
@@ -117,7 +128,8 @@ def check_diagonal_fisher(fn):
         assert not changed, f"the model's parameters changed: {changed}"
         flipped = [n for n, p in model.named_parameters() if p.requires_grad != flags[n]]
         assert not flipped, f"requires_grad was left changed for {flipped} (it was {[flags[n] for n in flipped]})"
-        _compare_fisher(got, {k: v.square().mean(0) for k, v in g.items()}, g, "mlp with a frozen 0.weight")
+        _compare_fisher(got, {k: v.square().mean(0) for k, v in g.items()}, g, "mlp with a frozen 0.weight",
+                        _true_label_probs(model, xs, ys))
 
     return run_checks(f"check_diagonal_fisher({getattr(fn, '__name__', fn)})", [
         ("one example (N=1): F = g², one tensor per parameter",
@@ -125,7 +137,8 @@ def check_diagonal_fisher(fn):
          "probability, not the probability); return g² with the parameter's shape", on("mlp", 1, 0)),
         ("MLP with biases, N=16: the mean of the per-example squares",
          "take each example's gradient on its own (batch of one, or torch.func.vmap(grad(...))), square it, "
-         "and average the squares over the N examples: (mean g)² is not mean(g²); divide by N", on("mlp", 16, 1)),
+         "and average the squares over the N examples: (mean g)² is not mean(g²); divide by N; with .backward(), "
+         "set every .grad to zero (or None) before each example, since backward adds to it", on("mlp", 16, 1)),
         ("LayerNorm model, N=5", "every named parameter counts, LayerNorm's weight and bias too; compute the "
          "gradient of log softmax at the true label y_i of each example", on("layernorm", 5, 2)),
         ("a frozen parameter is scored; the model is left as it was",
@@ -167,8 +180,24 @@ def _top_k_reference(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch
     return out
 
 
-def _check_masks(got, want: dict[str, torch.Tensor], label: str, k_new: int | None = None):
-    """got: the learner's {name: bool mask} against want (shapes, dtype, total count, then entry by entry)."""
+def _top_k_mistakes(scores: dict[str, torch.Tensor], k: int) -> dict[str, dict[str, torch.Tensor]]:
+    total = sum(s.numel() for s in scores.values())
+    per_tensor = {}
+    for n, s in scores.items():
+        per_tensor.update(_top_k_reference({n: s}, min(k, s.numel())))
+    out = {"k per tensor, not k over all tensors together": per_tensor,
+           "the k smallest scores, not the largest": _top_k_reference({n: -s for n, s in scores.items()}, k),
+           "the k largest |score|, not the largest scores":
+               _top_k_reference({n: s.abs() for n, s in scores.items()}, k)}
+    if k < total:
+        out["k + 1 entries: a threshold at the (k+1)-th largest score"] = _top_k_reference(scores, k + 1)
+    return out
+
+
+def _check_masks(got, want: dict[str, torch.Tensor], label: str, k_new: int | None = None,
+                 looks: dict[str, dict[str, torch.Tensor]] | None = None):
+    """got: the learner's {name: bool mask} against want (shapes, dtype, total count, then entry by entry).
+    looks: {a known mistake: the masks it gives}, named in the message when the answer is one of them."""
     assert isinstance(got, dict), f"{label}: returned {type(got).__name__}, expected a dict {{name: bool tensor}}"
     missing = [n for n in want if n not in got]
     assert not missing, f"{label}: no mask for {missing} (return one per name, all False when it gets none)"
@@ -177,13 +206,16 @@ def _check_masks(got, want: dict[str, torch.Tensor], label: str, k_new: int | No
         assert tuple(t.shape) == tuple(w.shape), \
             f"{label}: mask {name} has shape {tuple(t.shape)}, expected {tuple(w.shape)}"
         assert t.dtype == torch.bool, f"{label}: mask {name} has dtype {t.dtype}, expected torch.bool"
-    count = sum(int(torch.as_tensor(got[n]).sum()) for n in want)
+    got = {n: torch.as_tensor(got[n]).detach().cpu() for n in want}
+    like = [what for what, alt in (looks or {}).items() if all(torch.equal(got[n], alt[n]) for n in want)]
+    like = f"; it looks like {like[0]}" if like else ""
+    count = sum(int(got[n].sum()) for n in want)
     expected = sum(int(w.sum()) for w in want.values())
     assert count == expected, f"{label}: {count} entries chosen in total, expected {expected}" + \
-        (f" (the ones already chosen + k = {k_new} new)" if k_new is not None else "")
-    wrong = {n: int((torch.as_tensor(got[n]).cpu() != w).sum()) for n, w in want.items()}
+        (f" (the ones already chosen + k = {k_new} new)" if k_new is not None else "") + like
+    wrong = {n: int((got[n] != w).sum()) for n, w in want.items()}
     wrong = {n: c for n, c in wrong.items() if c}
-    assert not wrong, f"{label}: the right number chosen but not the right entries; differing entries {wrong}"
+    assert not wrong, f"{label}: the right number chosen but not the right entries; differing entries {wrong}" + like
 
 
 def check_top_k_mask(fn):
@@ -198,7 +230,7 @@ def check_top_k_mask(fn):
                 inputs = {n: s.clone() for n, s in scores.items()}
                 got = fn(inputs, k)
                 assert all(torch.equal(inputs[n], s) for n, s in scores.items()), "the scores were changed in place"
-                _check_masks(got, _top_k_reference(scores, k), f"{which}, k={k}")
+                _check_masks(got, _top_k_reference(scores, k), f"{which}, k={k}", looks=_top_k_mistakes(scores, k))
         return check
 
     n_mixed = sum(s.numel() for s in sets["mixed"].values())
@@ -229,16 +261,43 @@ def _d3(grads, weights, exp, eps):
 
 def _id3_reference(grads, weights, masks, k, exp, eps) -> dict[str, torch.Tensor]:
     """Sort the D3 scores of the entries not chosen yet (all tensors together), add the k largest."""
-    scores = _d3(grads, weights, exp, eps)
-    flat = torch.cat([scores[n].flatten() for n in grads])
-    old = torch.cat([masks[n].flatten() for n in grads])
+    return _pick(_d3(grads, weights, exp, eps), masks, k)
+
+
+def _pick(scores, masks, k) -> dict[str, torch.Tensor]:
+    """masks plus the k largest scores among the entries they do not hold yet."""
+    flat = torch.cat([scores[n].flatten() for n in scores])
+    old = torch.cat([masks[n].flatten() for n in scores])
     free = (~old).nonzero().flatten()
     new = old.clone()
     new[free[torch.sort(flat[free], descending=True).indices[:k]]] = True
     out, start = {}, 0
-    for n, g in grads.items():
+    for n, g in scores.items():
         out[n] = new[start:start + g.numel()].view(g.shape)
         start += g.numel()
+    return out
+
+
+def _id3_mistakes(grads, weights, masks, k, exp, eps) -> dict[str, dict[str, torch.Tensor]]:
+    new = _id3_reference(grads, weights, masks, k, exp, eps)
+    repick = _top_k_reference(_d3(grads, weights, exp, eps), k)
+    per_tensor = {n: _id3_reference({n: grads[n]}, {n: weights[n]}, {n: masks[n]}, k, exp, eps)[n] for n in grads}
+    out = {
+        "the chosen entries competing again (the top k of all entries, not of the unchosen ones)":
+            {n: masks[n] | repick[n] for n in masks},
+        "a fresh mask of the k new entries only (the chosen ones dropped)": {n: new[n] & ~masks[n] for n in masks},
+        "k new entries in every tensor, not k over all tensors together": per_tensor,
+        "the signed gradient g, not |g|": _pick({n: g / (weights[n].abs() + eps) ** exp for n, g in grads.items()},
+                                                masks, k),
+    }
+    if exp != 1.0:
+        out["exp ignored (D3 with exp = 1)"] = _id3_reference(grads, weights, masks, k, 1.0, eps)
+    if exp not in (0.0, 1.0):
+        out["eps outside the power: |g| / (|θ|**exp + eps), not |g| / (|θ| + eps)**exp"] = _pick(
+            {n: g.abs() / (weights[n].abs() ** exp + eps) for n, g in grads.items()}, masks, k)
+    if not any(m.any() for m in masks.values()):  # nothing chosen yet: these two are the right answer
+        out.pop("a fresh mask of the k new entries only (the chosen ones dropped)")
+        out.pop("the chosen entries competing again (the top k of all entries, not of the unchosen ones)")
     return out
 
 
@@ -270,7 +329,8 @@ def check_id3_step(fn):
             got = fn({n: t.clone() for n, t in grads.items()}, {n: t.clone() for n, t in weights.items()},
                      {n: t.clone() for n, t in masks.items()}, k, exp, eps)
             _check_masks(got, _id3_reference(grads, weights, masks, k, exp, eps),
-                         f"{chosen} chosen, k={k}, exp={exp}, eps={eps}", k_new=k)
+                         f"{chosen} chosen, k={k}, exp={exp}, eps={eps}", k_new=k,
+                         looks=_id3_mistakes(grads, weights, masks, k, exp, eps))
         return check
 
     def inputs_untouched():
@@ -289,7 +349,8 @@ def check_id3_step(fn):
          "you are given", on(1, "random", 6, 0.0, 1e-3)),
         ("chosen entries with the largest D3 are not picked again",
          "exclude the chosen entries before the top k (e.g. set their scores to -inf): k NEW entries are added, "
-         "and the chosen ones stay True (the union, not a fresh mask)", on(2, "top", 5, 1.0, 0.1)),
+         "and the chosen ones stay True (the union, not a fresh mask); here exp = 2: D3 = |g| / (|θ| + eps)**exp, eps "
+         "inside the power", on(2, "top", 5, 2.0, 0.1)),
         ("the input masks are not changed in place",
          "build new masks (masks[name] | picked, or .clone() first); `|=` on the input tensors changes them",
          inputs_untouched),
