@@ -121,14 +121,30 @@ def run_checks(title: str, checks, learner=()) -> Report:
     return report
 
 
-def find_param(module, names, shape) -> torch.Tensor:
+def built_once(make):
+    """`get()` returning `make()`'s result, made on the first call. Checks build the learner's object through it,
+    inside the first check that needs it, so an error in the learner's constructor is a FAIL line, not a traceback."""
+    made = []
+
+    def get():
+        if not made:
+            made.append(make())
+        return made[0]
+    return get
+
+
+def find_param(module, names, shape, what: str | None = None) -> torch.Tensor:
     """A learner's tensor: the attribute named in `names` (a Parameter, a tensor or an nn.Linear's weight),
-    else the only trainable parameter of that shape."""
+    else the only trainable parameter of that shape. A named tensor of another shape is a failure that names
+    it ("A has shape (12, 3); expected (r, d_in) = (3, 12)"), before any computation uses it."""
     for n in names:
         t = getattr(module, n, None)
         if isinstance(t, nn.Linear):
             t = t.weight
         if isinstance(t, torch.Tensor):
+            if tuple(t.shape) != tuple(shape):
+                raise AssertionError(f"{names[0]} has shape {tuple(t.shape)}; expected "
+                                     f"{f'{what} = ' if what else ''}{tuple(shape)}")
             return t
     found = [p for p in module.parameters() if p.requires_grad and tuple(p.shape) == shape]
     if len(found) == 1:

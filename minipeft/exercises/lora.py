@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._runner import find_param, run_checks
+from ._runner import built_once, find_param, run_checks
 
 
 def check_lora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: float = 6.0):
@@ -26,20 +26,10 @@ def check_lora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha: f
     W0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
     x = torch.randn(5, d_in)
     s = alpha / r
-    made = {}
+    layer = built_once(lambda: cls(base, r, alpha))  # the learner's class, built in the first check
 
-    def layer():  # built once, on first use inside a check
-        if "layer" not in made:
-            made["layer"] = cls(base, r, alpha)
-        return made["layer"]
-
-    def factor(names, shape, what):
-        t = find_param(layer(), names, shape)
-        assert tuple(t.shape) == shape, f"{names[0]} has shape {tuple(t.shape)}; expected {what} = {shape}"
-        return t
-
-    A = lambda: factor(["A", "lora_A"], (r, d_in), "(r, d_in)")  # noqa: E731
-    B = lambda: factor(["B", "lora_B"], (d_out, r), "(d_out, r)")  # noqa: E731
+    A = lambda: find_param(layer(), ["A", "lora_A"], (r, d_in), "(r, d_in)")  # noqa: E731
+    B = lambda: find_param(layer(), ["B", "lora_B"], (d_out, r), "(d_out, r)")  # noqa: E731
 
     def randomise():  # both factors nonzero, so that the branch and its scale show in the output
         g = torch.Generator().manual_seed(1)

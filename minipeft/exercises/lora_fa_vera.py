@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._runner import find_param, run_checks
+from ._runner import built_once, find_param, run_checks
 
 
 def check_lora_fa_grad(fn, d_in: int = 12, d_out: int = 7, r: int = 3, s: float = 2.0):
@@ -110,20 +110,11 @@ def check_vera_linear(cls, d_in: int = 10, d_out: int = 6, r: int = 4):
     A, B = torch.randn(r, d_in + 3), torch.randn(d_out + 2, r)  # shared: larger than this layer
     A_copy, B_copy = A.clone(), B.clone()
     x = torch.randn(5, d_in)
-    built = []
 
-    def layer():  # the learner's class is built inside the first check, so an error in it is a FAIL line
-        if not built:
-            built.append(cls(base, A, B))
-        return built[0]
+    layer = built_once(lambda: cls(base, A, B))  # the learner's class, built in the first check
 
-    def param(names, shape, what):
-        t = find_param(layer(), names, shape)
-        assert tuple(t.shape) == shape, f"{names[0]} has shape {tuple(t.shape)}; expected {what} = {shape}"
-        return t
-
-    lb = lambda: param(["lambda_b", "vera_lambda_b", "b"], (d_out,), "(d_out,)")  # noqa: E731
-    ld = lambda: param(["lambda_d", "vera_lambda_d", "d"], (r,), "(r,)")  # noqa: E731
+    lb = lambda: find_param(layer(), ["lambda_b", "vera_lambda_b", "b"], (d_out,), "(d_out,)")  # noqa: E731
+    ld = lambda: find_param(layer(), ["lambda_d", "vera_lambda_d", "d"], (r,), "(r,)")  # noqa: E731
 
     def out():
         y = layer()(x)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._runner import find_param, run_checks
+from ._runner import built_once, find_param, run_checks
 
 
 def _minis(n, r, d_in, d_out, seed):
@@ -114,22 +114,13 @@ def check_moslora_linear(cls, d_in: int = 12, d_out: int = 10, r: int = 3, alpha
     base = nn.Linear(d_in, d_out)
     W0, b = base.weight.detach().clone(), base.bias.detach().clone()
     x = torch.randn(6, d_in)
-    built = []
     s = alpha / r
 
-    def layer():  # the learner's class is built inside the first check, so an error in it is a FAIL line
-        if not built:
-            built.append(cls(base, r, alpha))
-        return built[0]
+    layer = built_once(lambda: cls(base, r, alpha))  # the learner's class, built in the first check
 
-    def param(names, shape, what):
-        t = find_param(layer(), names, shape)
-        assert tuple(t.shape) == shape, f"{names[0]} has shape {tuple(t.shape)}; expected {what} = {shape}"
-        return t
-
-    A = lambda: param(["A", "lora_A"], (r, d_in), "(r, d_in)")  # noqa: E731
-    M = lambda: param(["M", "lora_AB", "mixer"], (r, r), "(r, r)")  # noqa: E731
-    B = lambda: param(["B", "lora_B"], (d_out, r), "(d_out, r)")  # noqa: E731
+    A = lambda: find_param(layer(), ["A", "lora_A"], (r, d_in), "(r, d_in)")  # noqa: E731
+    M = lambda: find_param(layer(), ["M", "lora_AB", "mixer"], (r, r), "(r, r)")  # noqa: E731
+    B = lambda: find_param(layer(), ["B", "lora_B"], (d_out, r), "(d_out, r)")  # noqa: E731
 
     def out():
         y = layer()(x)

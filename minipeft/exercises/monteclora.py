@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._runner import find_param, run_checks
+from ._runner import built_once, find_param, run_checks
 
 
 def check_bartlett_wishart(fn, r: int = 3, df: int = 5, draws: int = 6000):
@@ -109,21 +109,12 @@ def check_monteclora_layer(cls, d_in: int = 16, d_out: int = 6, r: int = 3, n: i
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out)
     x = torch.randn(4, d_in)
-    built = []
     s = alpha / r
 
-    def layer():  # the learner's class is built inside the first check, so an error in it is a FAIL line
-        if not built:
-            built.append(cls(base, r, alpha, n, 0.3))
-        return built[0]
+    layer = built_once(lambda: cls(base, r, alpha, n, 0.3))  # the learner's class, built in the first check
 
-    def param(names, shape, what):
-        t = find_param(layer(), names, shape)
-        assert tuple(t.shape) == shape, f"{names[0]} has shape {tuple(t.shape)}; expected {what} = {shape}"
-        return t
-
-    A = lambda: param(["A", "lora_A"], (r, d_in), "(r, d_in)")  # noqa: E731
-    B = lambda: param(["B", "lora_B"], (d_out, r), "(d_out, r)")  # noqa: E731
+    A = lambda: find_param(layer(), ["A", "lora_A"], (r, d_in), "(r, d_in)")  # noqa: E731
+    B = lambda: find_param(layer(), ["B", "lora_B"], (d_out, r), "(d_out, r)")  # noqa: E731
 
     def out():
         y = layer()(x)

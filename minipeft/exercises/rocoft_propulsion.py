@@ -41,9 +41,7 @@ def check_rocoft_linear(cls, d_in: int = 9, d_out: int = 7, k: int = 2):
         base = nn.Linear(d_in, d_out)
         W0, b = base.weight.detach().clone(), base.bias.detach().clone()
         layer = cls(base, k)
-        R = find_param(layer, ["R", "rows", "rocoft_weight"], (k, d_in))
-        assert tuple(R.shape) == (k, d_in), f"R has shape {_shape(R)}; expected (k, d_in) = {(k, d_in)}: rows " \
-                                            f"0..k-1 of the (d_out, d_in) weight"
+        R = find_param(layer, ["R", "rows", "rocoft_weight"], (k, d_in), "(k, d_in)")
         return base, W0, b, layer, R
 
     def out(layer):
