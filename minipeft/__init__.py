@@ -4,6 +4,7 @@
     model = mp.wrap(base, mp.LoRAConfig(r=8, alpha=16, target=["q_proj", "v_proj"]))
     model.trainable_summary()
     model.save_adapter("out/");  model = mp.load_adapter(base, "out/")
+    model.save_adapter("out-peft/", format="peft")   # what peft.PeftModel.from_pretrained reads
 """
 __version__ = "0.1.0"
 
@@ -20,6 +21,8 @@ from .quant import QLoRAConfig  # noqa: E402
 from . import data, figures, runs, zoo  # noqa: E402
 from .heads import PooledCollator, PooledModel, pool  # noqa: E402
 from . import heads, mi  # noqa: E402
+from . import memory  # noqa: E402  (not distributed: `python -m minipeft.distributed` must find it unloaded)
+from .serving import serve  # noqa: E402
 from .train import Trainer  # noqa: E402
 from .evaluate import evaluate, interval  # noqa: E402
 
@@ -29,4 +32,4 @@ __all__ = ["wrap", "load_adapter", "PeftModel", "PeftConfig", "AdapterLayer", "M
            "RoCoFTConfig", "AdapterConfig", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "IA3Config",
            "BitFitConfig", "SparseConfig", "FISHConfig", "PaFiConfig", "ID3Config", "RandomMaskConfig", "QLoRAConfig",
            "selective", "data", "figures", "runs", "zoo", "Trainer", "evaluate", "interval",
-           "PooledModel", "PooledCollator", "pool", "heads", "mi"]
+           "PooledModel", "PooledCollator", "pool", "heads", "mi", "memory", "serve"]

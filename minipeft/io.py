@@ -2,6 +2,8 @@
 `adapter.safetensors` (the adapter's tensors only, keyed by module path; never the base weights).
 
 This module knows files, not models: `PeftModel.save_adapter` / `load_adapter` (in model.py) call it.
+peft's format (adapter_config.json with a `peft_type` + adapter_model.safetensors) is translated in
+peft_format.py; `detect_format` tells the two apart from the files.
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .targeting import model_type
+from . import __version__, peft_format
+from .targeting import model_type, named_base_modules, unwrap
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter.safetensors"
 
@@ -21,6 +23,24 @@ def base_model_info(base) -> dict:
     cfg = getattr(base, "config", None)
     return {"model_type": model_type(base), "name_or_path": getattr(cfg, "_name_or_path", None) or None,
             "class": type(base).__name__}
+
+
+def base_module_types(base) -> dict[str, str]:
+    """{dotted name: class name} of every module of the base (under adapter layers, the base module's class):
+    what peft_format needs to resolve peft's target rules, without knowing models."""
+    return {n: type(unwrap(m)).__name__ for n, m in named_base_modules(base)}
+
+
+def detect_format(path) -> str:
+    """"minipeft" or "peft", from the files in the folder; ValueError if it is neither."""
+    path = Path(path)
+    if (path / CONFIG_NAME).exists() and (path / WEIGHTS_NAME).exists():
+        return "minipeft"
+    if peft_format.is_peft_dir(path):
+        return "peft"
+    files = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else "no such folder"
+    raise ValueError(f"{path} is not a minipeft adapter folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}) nor a "
+                     f"peft one ({CONFIG_NAME} with a peft_type and {peft_format.WEIGHTS_NAME}); found {files}")
 
 
 def write_adapter(path, config: dict, base_info: dict, state: dict[str, torch.Tensor]) -> None:

@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from . import io, targeting
+from . import io, peft_format, targeting
 from .config import PeftConfig, config_from_dict
 from .layer import AdapterLayer, ModulesToSave
 
@@ -239,18 +239,76 @@ class PeftModel(torch.nn.Module):
             return None
         return self.input_adapters[name]
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The model's forward with the active adapter; adapter_names=[name per row] runs a mixed-adapter
+        batch instead (row i through adapter adapter_names[i], "__base__" for the bare base; see _rows_routed)."""
+        if adapter_names is not None:
+            with self._rows_routed(adapter_names, args, kwargs):
+                return self.base_model(*args, **kwargs)
         adapter = self._input_adapter()
         if adapter is None:
             return self.base_model(*args, **kwargs)
         return adapter.forward_model(self.base_model, *args, **kwargs)
 
     @torch.no_grad()
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's generate with the active adapter; adapter_names=[name per prompt]: each prompt keeps
+        its own adapter at every step (beams and samples of a prompt too)."""
+        if adapter_names is not None:
+            with self._rows_routed(adapter_names, args, kwargs, generating=True):
+                return self.base_model.generate(*args, **kwargs)
         adapter = self._input_adapter()
         if adapter is None:
             return self.base_model.generate(*args, **kwargs)
         return adapter.generate(self.base_model, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _rows_routed(self, adapter_names: list[str], args: tuple = (), kwargs: dict | None = None,
+                     generating: bool = False):
+        """Inside the block, row i of the batch in `args`/`kwargs` (input_ids, inputs_embeds or the first
+        tensor) goes through adapter adapter_names[i] on every adapter layer — "__base__": the bare base model.
+        Inference only (eval mode, as peft), layer methods only (an input method changes the sequence itself),
+        nothing merged. Each row gets what it would get alone with its adapter active."""
+        names = self._check_row_names(adapter_names, args, kwargs or {})
+        layers = [layer for _, layer in self.adapter_layers()]
+        for layer in layers:
+            layer.route_rows(names, repeats=generating)
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.route_rows(None)
+
+    def _check_row_names(self, adapter_names, args: tuple, kwargs: dict) -> list[str]:
+        """adapter_names as a list, or a ValueError saying what is wrong with it."""
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
+        names = list(adapter_names)
+        tensors = [kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args]
+        inputs = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+        if inputs is None:
+            raise ValueError("adapter_names needs input_ids or inputs_embeds to count the rows of the batch")
+        if len(names) != inputs.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} names but the batch has {inputs.shape[0]} rows "
+                             f"(one name per row)")
+        unknown = sorted({n for n in names if n != "__base__" and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names: no adapter named {unknown}; adapters: {list(self.peft_config)} "
+                             f"(or \"__base__\" for the bare base model)")
+        input_methods = sorted({n for n in names if n in self.input_adapters})
+        if input_methods:
+            raise ValueError(f"adapter_names: {input_methods} ({self.peft_config[input_methods[0]].method}) "
+                             f"changes the input sequence, not a layer, so rows cannot be routed through it "
+                             f"one by one; mixed batches work with layer methods (LoRA, DoRA, (IA)³, ...)")
+        if any(layer.merged_adapters for _, layer in self.adapter_layers()):
+            raise ValueError("adapter_names cannot be used while an adapter is merged; call unmerge() first")
+        if self.training:
+            raise ValueError("adapter_names is for inference: call model.eval() first (as peft; one adapter "
+                             "trains at a time)")
+        if self._disabled:
+            raise ValueError("adapter_names inside disable_adapter(): every row would get the base model; "
+                             "route rows to \"__base__\" instead")
+        return names
 
     # ---- reports and files --------------------------------------------------------------------------
     def trainable_summary(self) -> TrainableSummary:
@@ -279,17 +337,40 @@ class PeftModel(torch.nn.Module):
                 state.update({f"{prefix}.{k}": v.detach() for k, v in saved.items()})
         return state
 
-    def save_adapter(self, path, adapter_name: str | None = None) -> None:
+    def save_adapter(self, path, adapter_name: str | None = None, format: str = "minipeft") -> None:
+        """Write adapter `adapter_name` (default: the active one) to folder `path`: format="minipeft"
+        (adapter_config.json + adapter.safetensors) or format="peft" (peft's adapter_config.json +
+        adapter_model.safetensors, which peft.PeftModel.from_pretrained(base, path) reads; ValueError for a
+        method peft cannot store exactly)."""
         name = adapter_name or self.active_adapter
-        io.write_adapter(path, self.peft_config[name].to_dict(), io.base_model_info(self.base_model),
-                         self.adapter_state_dict(name))
+        self.check_adapter_name(name)
+        if format not in ("minipeft", "peft"):
+            raise ValueError(f"format must be 'minipeft' or 'peft', got {format!r}")
+        config, state = self.peft_config[name].to_dict(), self.adapter_state_dict(name)
+        if format == "minipeft":
+            io.write_adapter(path, config, io.base_model_info(self.base_model), state)
+            return
+        plain = (bool, int, float, str)  # each layer's per-adapter numbers (is_feedforward, scaling, ...)
+        layers = {p: {"layer": type(layer).__name__, "base": type(targeting.unwrap(layer)).__name__,
+                      **{v: getattr(layer, v)[name] for v in layer.adapter_values
+                         if isinstance(getattr(layer, v).get(name), plain)}}
+                  for p, layer in self.adapter_layers() if name in layer.adapter_names()}
+        peft_config, tensors = peft_format.to_peft(config, state, layers, type(self.base_model).__name__)
+        peft_format.write_peft(path, peft_config, tensors)
 
     def load_adapter(self, path, adapter_name: str = "default", is_trainable: bool = False) -> None:
         """Add adapter `adapter_name` from a saved folder, checking that it fits this base. For inference
         (default) it is frozen and the model is put in eval mode (dropout off); with is_trainable=True it
         trains once active and the model stays in its mode. As peft, loading does not switch the active
-        adapter (the first adapter of a model is active): call set_adapter(adapter_name)."""
-        meta, tensors = io.read_adapter(path)
+        adapter (the first adapter of a model is active): call set_adapter(adapter_name).
+        The folder may be minipeft's or one peft saved (told apart by its files; see peft_format.py)."""
+        if io.detect_format(path) == "peft":
+            peft_config, peft_tensors = peft_format.read_peft(path)
+            config_dict, tensors = peft_format.from_peft(peft_config, peft_tensors,
+                                                         io.base_module_types(self.base_model))
+            meta = {"config": config_dict, "base_model": {}}
+        else:
+            meta, tensors = io.read_adapter(path)
         config = config_from_dict(meta["config"])
         io.check_fits(path, meta, tensors, self.base_model)
         self.add_adapter(adapter_name, config)
@@ -316,7 +397,8 @@ def wrap(base_model: torch.nn.Module, config: PeftConfig, adapter_name: str = "d
 
 
 def load_adapter(base_model: torch.nn.Module, path, adapter_name: str = "default", is_trainable: bool = False):
-    """Wrap `base_model` with the adapter saved at `path`: frozen and in eval mode, unless is_trainable."""
+    """Wrap `base_model` with the adapter saved at `path` (by minipeft, or by peft's save_pretrained): frozen and
+    in eval mode, unless is_trainable."""
     if isinstance(base_model, PeftModel):
         raise ValueError("base_model is already wrapped; use model.load_adapter(path, adapter_name)")
     model = PeftModel(base_model)  # no adapter yet: load_adapter adds it with the file's tensors

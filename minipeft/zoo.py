@@ -398,20 +398,30 @@ def quiet_transformers(bars: bool = True):
             logging.enable_progress_bar()
 
 
+def is_masked_lm(config) -> bool:
+    """Whether a hub/local model was saved as an encoder with a masked-LM head (BERT, RoBERTa), read from the
+    ``architectures`` its config.json names. Such a model loads with ``AutoModelForMaskedLM``: the causal-LM
+    Auto class would also accept BERT, but gives ``BertLMHeadModel``, a decoder head it was not trained as."""
+    return any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in getattr(config, "architectures", None) or [])
+
+
 def load(name: str, num_labels: int | None = None, seed: int = 0, **kw):
-    """``(model, tokenizer)``. Zoo names build on first use; other names go to the HF hub.
+    """``(model, tokenizer)``. Zoo names build on first use; any other name is a hub id or a local directory
+    written by ``save_pretrained`` (tests/test_hub_passthrough.py saves the zoo's models and loads them back
+    this way). A model whose config names a masked-LM architecture loads as one (see ``is_masked_lm``).
 
     ``num_labels``: a sequence-classification model with a fresh head, initialised from ``seed``.
     Other keyword arguments go to ``from_pretrained`` (e.g. ``torch_dtype``).
     """
-    from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM,
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
                               AutoModelForSequenceClassification, AutoTokenizer)
 
     if name in RECIPES:
         where = path(name)
         arch = RECIPES[name]["arch"]
     else:
-        where, arch = name, None  # a hub id or a local directory
+        where = name  # a hub id or a local directory
+        arch = "bert" if is_masked_lm(AutoConfig.from_pretrained(where)) else None
     tok = AutoTokenizer.from_pretrained(where)
     with quiet_transformers(bars=name not in RECIPES), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

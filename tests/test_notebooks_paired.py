@@ -34,7 +34,12 @@ def colab_cell_source() -> str:
     return (
         "import sys\n"
         'if "google.colab" in sys.modules:  # a fresh Colab runtime: install minipeft (Colab keeps its torch)\n'
-        f'    !pip install -q "minipeft @ git+{url}"'
+        f'    !pip install -q "minipeft @ git+{url}"\n'
+        # the one line that swaps a tiny model for a hub model (tests/test_hub_passthrough.py: the pass-through)
+        "# A real model instead of a tiny one (GPU runtime): change the chapter's load line, e.g.\n"
+        '#   mp.zoo.load("tiny-llama")  ->  mp.zoo.load("HuggingFaceTB/SmolLM2-135M")\n'
+        '#   mp.zoo.load("tiny-bert", num_labels=2)  ->  mp.zoo.load("google-bert/bert-base-uncased", num_labels=2)\n'
+        "# Same classes and module names (q_proj/v_proj, query/value), so targets carry over."
     )
 
 

@@ -61,7 +61,7 @@ from torch import nn
 
 from .. import targeting
 from ..config import PeftConfig, check_choice, check_positive, check_positive_int, register
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, gather_rows, pick_rows
 from ..weights import linear_dims
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "identity": nn.Identity}
@@ -189,6 +189,44 @@ class BottleneckAdapter(AdapterLayer):
         out = self.base_layer(*args, **kwargs)
         h = out[0] if isinstance(out, tuple) else out
         return self._add(out, self.delta(name, h))  # h + W_up f(W_down h + b_down) + b_up (times s)
+
+    def mixed_forward(self, *args, **kwargs):
+        """A mixed-adapter batch with a single call of the wrapped module (a whole attention sublayer takes a KV
+        cache, which the shared path cannot split by row): the residual form shifts each group's rows of the
+        residual before the call, the other forms add each group's s·Δ to its rows of the output after it."""
+        x = args[0] if args else kwargs[self._arg_names[0]]
+        groups = self.row_groups(x.shape[0])
+        if len(groups) == 1:  # every row with one adapter (or none)
+            return self.forward_as(groups[0][0], *args, **kwargs)
+        if self.residual_arg:  # LayerNorm(dense(a) + x + s·Δ(x)), row by row
+            args, kwargs = self._routed_residual(groups, args, kwargs)
+        out = self.base_layer(*args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out  # (B, T, d)
+        parts = []
+        for name, rows in groups:
+            h_rows = pick_rows(h, rows)
+            if name is None or (self.residual_arg and self.form[name] == "parallel"):
+                parts.append(h_rows)  # base rows, or rows whose change went in through the residual
+            else:
+                u = pick_rows(x if self.form[name] == "parallel" else h, rows)  # what Δ reads: input or output
+                parts.append(h_rows + self.delta(name, u).to(h.dtype))
+        h = gather_rows(parts, groups)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def _routed_residual(self, groups, args, kwargs):
+        """args/kwargs with input_tensor x replaced by x + s·Δ(x) on the rows of each parallel adapter."""
+        args, kwargs = list(args), dict(kwargs)
+        i = self._arg_names.index("input_tensor")
+        x = args[i] if len(args) > i else kwargs["input_tensor"]
+        parts = [pick_rows(x, rows) + self.delta(name, pick_rows(x, rows)).to(x.dtype)
+                 if name is not None and self.form[name] == "parallel" else pick_rows(x, rows)
+                 for name, rows in groups]
+        shifted = gather_rows(parts, groups)
+        if len(args) > i:
+            args[i] = shifted
+        else:
+            kwargs["input_tensor"] = shifted
+        return args, kwargs
 
     @staticmethod
     def _add(out, delta):

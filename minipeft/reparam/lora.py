@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import targeting
 from ..config import PeftConfig, check_choice, check_positive, check_positive_int, check_probability, register
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, gather_rows, pick_rows
 from ..weights import base_weight, linear_dims, set_base_weight
 
 
@@ -154,6 +154,19 @@ class LoRALinear(AdapterLayer):
         y = self.base_layer(x, *args, **kwargs)
         name = self.active
         return y if name is None else self.adapted(name, x, y)
+
+    def mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """A mixed-adapter batch (row i with adapter adapter_names[i]): one base call for all rows, then each group's
+        rows get their adapter's change, `adapted(name, x[rows], y[rows])` (as peft's _mixed_batch_forward;
+        the shared AdapterLayer path would call the base once per group)."""
+        y = self.base_layer(x, *args, **kwargs)  # W0 x (+ b) for every row
+        groups = self.row_groups(x.shape[0])
+        if len(groups) == 1:  # every row with one adapter (or none)
+            name = groups[0][0]
+            return y if name is None else self.adapted(name, x, y)
+        parts = [pick_rows(y, rows) if name is None else self.adapted(name, pick_rows(x, rows), pick_rows(y, rows))
+                 for name, rows in groups]
+        return gather_rows(parts, groups)
 
     def merge_weights(self, name: str) -> None:
         W0 = base_weight(self.base_layer).float()
