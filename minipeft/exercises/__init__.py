@@ -18,6 +18,7 @@ from .prediction_heads import check_mi_estimate, check_pooling, check_regression
 from .prefix_tuning import check_prefix_attention, check_prefix_lambda
 from .qlora import check_blockwise_absmax, check_nf4_codes, check_pack_4bit
 from .rocoft_propulsion import check_propulsion_grad, check_propulsion_merge, check_rocoft_linear
+from .scaling_out import check_loss_weights, check_mixed_lora, check_per_rank_bytes
 from .selective import check_diagonal_fisher, check_top_k_mask, check_id3_step
 
 __all__ = ["run_checks",
@@ -35,4 +36,5 @@ __all__ = ["run_checks",
            "check_bartlett_wishart", "check_dirichlet_kl", "check_monteclora_layer",      # MonteCLoRA
            "check_rocoft_linear", "check_propulsion_merge", "check_propulsion_grad",      # RoCoFT, Propulsion
            "check_diagonal_fisher", "check_top_k_mask", "check_id3_step",                 # FISH, PaFi, ID3
-           "check_pooling", "check_regression_head", "check_mi_estimate"]                 # prediction heads
+           "check_pooling", "check_regression_head", "check_mi_estimate",                 # prediction heads
+           "check_loss_weights", "check_mixed_lora", "check_per_rank_bytes"]              # scaling out
