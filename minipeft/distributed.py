@@ -207,16 +207,6 @@ def is_sharded(t: torch.Tensor) -> bool:
     return hasattr(t, "full_tensor")
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A whole tensor: an FSDP shard (DTensor) is all-gathered (every rank must call this), others as they are."""
-    return t.full_tensor() if is_sharded(t) else t
-
-
-def gather_adapter_state(model, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """`model.adapter_state_dict(name)` with every tensor whole and on the CPU (call on every rank)."""
-    return {k: full_tensor(v).detach().cpu() for k, v in model.adapter_state_dict(adapter_name).items()}
-
-
 # ---- what a rank holds ------------------------------------------------------------------------------
 def local_tensor(p: torch.Tensor) -> torch.Tensor:
     """The part of `p` this rank stores: its shard for an FSDP parameter (DTensor), else all of it."""

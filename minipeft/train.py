@@ -232,31 +232,15 @@ class Trainer:
         return metrics
 
     def save_adapter(self, path, adapter_name: str | None = None, **kw) -> None:
-        """`model.save_adapter(path, adapter_name, **kw)` that also works with many processes: rank 0 writes
-        and every rank waits for it. An adapter tensor that FSDP sharded is first all-gathered on every rank
-        (the Trainer's FSDP leaves trainable tensors whole, so this only happens to a tensor an adapter's state
-        reads from the sharded base), then written in minipeft's format."""
-        from . import distributed
-
+        """`model.save_adapter(path, adapter_name, **kw)` that also works with many processes: rank 0 writes and
+        every rank waits for it. The adapter is whole on every rank (DDP replicates it; the Trainer's FSDP shards
+        only the frozen base), so rank 0 has all of it."""
         if not hasattr(self.model, "adapter_state_dict"):
             raise ValueError(f"save_adapter needs a minipeft model (mp.wrap); got {type(self.model).__name__}")
-        if not self.dist.distributed:
-            return self.model.save_adapter(path, adapter_name, **kw)
-        name = adapter_name or self.model.active_adapter
-        self.model.check_adapter_name(name)
-        if any(distributed.is_sharded(v) for v in self.model.adapter_state_dict(name).values()):
-            if kw.get("format", "minipeft") != "minipeft":
-                raise ValueError(f"format={kw['format']!r}: an FSDP-sharded adapter is saved in minipeft's format; "
-                                 f"load it in one process and save it again in that format")
-            from . import io
-
-            state = distributed.gather_adapter_state(self.model, name)  # collective: every rank
-            if self.is_main:
-                io.write_adapter(path, self.model.peft_config[name].to_dict(),
-                                 io.base_model_info(self.model.base_model), state)
-        elif self.is_main:
-            self.model.save_adapter(path, name, **kw)
-        torch.distributed.barrier()
+        if self.is_main:
+            self.model.save_adapter(path, adapter_name, **kw)
+        if self.dist.distributed:
+            torch.distributed.barrier()
 
     # -- the loop -----------------------------------------------------------------------------
     def prepare(self) -> None:
